@@ -1,0 +1,1 @@
+//! Backend selection (placeholder until the balance module lands).

@@ -1,0 +1,7 @@
+//! srvlb: a Layer-4 TCP load balancer whose backends come from DNS SRV records.
+//!
+//! The library holds every piece of the balancer so that tests, benchmarks and the demo
+//! drive the same code as the `srvlb` binary. See DESIGN.md for the module map.
+
+pub mod balance;
+pub mod config;
