@@ -1,1 +1,0 @@
-//! Configuration (placeholder until the config module lands).

@@ -1,0 +1,151 @@
+//! Configuration: the TOML schema, its defaults, and validation whose errors name file, line,
+//! column and key. It owns turning text into a checked [`Config`] and printing the plan; it
+//! must not do I/O beyond reading the file, and never resolves names (SRV names and
+//! nameservers are only checked for shape; discovery does the lookups).
+
+mod duration;
+mod error;
+mod plan;
+mod raw;
+mod validate;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+
+/// A validated configuration; every default is already filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the configuration came from (the path given to `load`, or `parse`'s origin).
+    pub source: PathBuf,
+    pub global: GlobalConfig,
+    pub resolver: ResolverConfig,
+    /// In file order; at least one, names and listen addresses unique.
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlobalConfig {
+    /// Metrics and status endpoint; `None` means no admin listener.
+    pub admin: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// How long `SIGTERM` waits for connections to finish before closing them.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolverConfig {
+    /// Empty means the system resolver (resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    /// Record TTLs are clamped to `[min_refresh, max_refresh]`.
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    /// How long an NXDOMAIN or empty answer must persist before a pool is emptied.
+    pub empty_hold: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Never empty.
+    pub listen: Vec<SocketAddr>,
+    pub srv: Option<String>,
+    /// Fixed backends (TOML key `static`). At least one of `srv` and this is set.
+    pub static_backends: Vec<SocketAddr>,
+    pub balance: Balance,
+    /// Only used by `Balance::Maglev`.
+    pub hash_key: HashKey,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Further backends tried after a failed connect.
+    pub connect_retries: u32,
+    pub max_connections: usize,
+    /// Source filter: a client in `deny` is refused; when `allow` is not empty, a client must
+    /// also be in `allow`. Networks are stored with host bits clear.
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+    pub send_proxy: Option<ProxyProtocol>,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    Maglev,
+    P2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    ClientIpPort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// At least 1.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    /// Not shorter than `base_ejection`.
+    pub max_ejection: Duration,
+    /// 0..=100.
+    pub max_ejected_percent: u8,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`; errors name `path` as given.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Validates `text`; `origin` names it in errors and becomes `Config::source`.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        validate::config(text, PathBuf::from(origin)).map_err(|p| p.into_error(origin, text))
+    }
+
+    /// The human-readable plan `srvlb check` prints.
+    pub fn plan(&self) -> String {
+        plan::render(self)
+    }
+}
+
+impl ServiceConfig {
+    /// True when the discovery source (SRV name and static list) equals `other`'s; a reload
+    /// then keeps the pool's state. DNS names compare case-insensitively and the static list
+    /// as a set, because neither difference changes which backends are found.
+    pub fn same_discovery(&self, other: &ServiceConfig) -> bool {
+        let srv_equal = match (&self.srv, &other.srv) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            (None, None) => true,
+            _ => false,
+        };
+        let sorted = |list: &[SocketAddr]| {
+            let mut list = list.to_vec();
+            list.sort_unstable();
+            list
+        };
+        srv_equal && sorted(&self.static_backends) == sorted(&other.static_backends)
+    }
+}

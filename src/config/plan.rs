@@ -1,0 +1,168 @@
+//! `srvlb check`'s plan: what the balancer will do with a configuration, in plain words and
+//! with every default spelled out, so an operator can review it without reading the file.
+
+use std::fmt::Write as _;
+
+use super::duration::format_duration as dur;
+use super::{Balance, Config, HashKey, LogFormat, ProxyProtocol, ServiceConfig};
+
+/// Width of the label column; the longest label ("empty answer hold") plus two spaces.
+const LABEL_WIDTH: usize = 19;
+
+pub(crate) fn render(config: &Config) -> String {
+    let mut out = String::new();
+    let listeners: usize = config.services.iter().map(|s| s.listen.len()).sum();
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    line(
+        &mut out,
+        &format!(
+            "# srvlb plan for {}: {}, {}",
+            config.source.display(),
+            plural(config.services.len(), "service"),
+            plural(listeners, "listener")
+        ),
+    );
+
+    line(&mut out, "\nglobal");
+    let admin = config
+        .global
+        .admin
+        .map_or_else(|| "none".to_string(), |a| format!("{a} (metrics, status)"));
+    row(&mut out, "admin", &[admin]);
+    let log_format = match config.global.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    row(&mut out, "log format", &[log_format.to_string()]);
+    row(
+        &mut out,
+        "shutdown grace",
+        &[dur(config.global.shutdown_grace)],
+    );
+
+    let resolver = &config.resolver;
+    line(&mut out, "\nresolver");
+    row(&mut out, "nameservers", &[nameservers(config)]);
+    row(&mut out, "timeout", &[dur(resolver.timeout)]);
+    row(
+        &mut out,
+        "refresh",
+        &[format!(
+            "record TTL, clamped to {}..{}",
+            dur(resolver.min_refresh),
+            dur(resolver.max_refresh)
+        )],
+    );
+    row(
+        &mut out,
+        "empty answer hold",
+        &[format!(
+            "keep backends {} after NXDOMAIN or an empty answer",
+            dur(resolver.empty_hold)
+        )],
+    );
+
+    for service in &config.services {
+        out.push('\n');
+        render_service(&mut out, service, config);
+    }
+    out
+}
+
+fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
+    line(out, &format!("service {:?}", s.name));
+    let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
+    row(out, "listen", &listen);
+
+    let mut discovery = Vec::new();
+    if let Some(srv) = &s.srv {
+        discovery.push(format!("SRV {srv} via {}", nameservers(config)));
+    }
+    for backend in &s.static_backends {
+        discovery.push(format!("static {backend}"));
+    }
+    row(out, "discovery", &discovery);
+
+    let balance = match (s.balance, s.hash_key) {
+        (Balance::Maglev, HashKey::ClientIp) => "maglev, keyed by client IP",
+        (Balance::Maglev, HashKey::ClientIpPort) => "maglev, keyed by client IP and port",
+        (Balance::P2c, _) => "p2c, the less loaded (per weight) of two random backends",
+    };
+    row(out, "balance", &[balance.to_string()]);
+    let retries = match s.connect_retries {
+        0 => "no retry".to_string(),
+        1 => "1 retry on another backend".to_string(),
+        n => format!("up to {n} retries on other backends"),
+    };
+    row(
+        out,
+        "connect",
+        &[format!("timeout {}, {retries}", dur(s.connect_timeout))],
+    );
+    row(out, "idle timeout", &[dur(s.idle_timeout)]);
+    row(out, "max connections", &[s.max_connections.to_string()]);
+    row(out, "source filter", &[source_filter(s)]);
+    let proxy = match s.send_proxy {
+        None => "off",
+        Some(ProxyProtocol::V1) => "v1 (text)",
+        Some(ProxyProtocol::V2) => "v2 (binary)",
+    };
+    row(out, "send PROXY", &[proxy.to_string()]);
+    let h = &s.health;
+    row(
+        out,
+        "health",
+        &[
+            format!(
+                "eject after {} consecutive connect failures",
+                h.consecutive_failures
+            ),
+            format!(
+                "for {}, doubling on each repeat up to {}",
+                dur(h.base_ejection),
+                dur(h.max_ejection)
+            ),
+            format!("at most {}% of a tier ejected", h.max_ejected_percent),
+        ],
+    );
+}
+
+fn nameservers(config: &Config) -> String {
+    let servers = &config.resolver.nameservers;
+    if servers.is_empty() {
+        "system resolver (resolv.conf)".to_string()
+    } else {
+        let list: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
+        list.join(", ")
+    }
+}
+
+fn source_filter(s: &ServiceConfig) -> String {
+    let join = |nets: &[ipnet::IpNet]| {
+        nets.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (s.allow.is_empty(), s.deny.is_empty()) {
+        (true, true) => "any client".to_string(),
+        (false, true) => format!("only {}", join(&s.allow)),
+        (true, false) => format!("any client except {}", join(&s.deny)),
+        (false, false) => format!("only {}, except {}", join(&s.allow), join(&s.deny)),
+    }
+}
+
+fn line(out: &mut String, text: &str) {
+    out.push_str(text);
+    out.push('\n');
+}
+
+/// A labelled row; further values go on their own lines under the first, aligned.
+fn row(out: &mut String, label: &str, values: &[String]) {
+    let mut label = label;
+    for value in values {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "  {label:<LABEL_WIDTH$}{value}");
+        label = "";
+    }
+}

@@ -1,0 +1,653 @@
+//! Unit tests for parsing, defaults, validation messages and their locations, and the plan.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::duration::{format_duration, parse_duration};
+use super::*;
+
+/// A minimal valid service, for tests that only care about other parts of the file.
+const SERVICE: &str =
+    "[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:5432\"]\nstatic = [\"10.0.0.5:5432\"]\n";
+
+fn ok(text: &str) -> Config {
+    match Config::parse(text, "t.toml") {
+        Ok(config) => config,
+        Err(e) => panic!("expected a valid config, got: {e}"),
+    }
+}
+
+/// The full error line, so each test checks file, line, column and message at once.
+fn err(text: &str) -> String {
+    match Config::parse(text, "t.toml") {
+        Ok(config) => panic!("expected an error, got {config:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn sample_config_is_valid() {
+    let config = ok(include_str!("../../config.toml"));
+    assert_eq!(config.services.len(), 2);
+    let pg = &config.services[0];
+    assert_eq!(
+        pg.srv.as_deref(),
+        Some("_postgresql._tcp.db.service.consul")
+    );
+    assert!(!pg.static_backends.is_empty());
+    for service in &config.services {
+        for listen in &service.listen {
+            assert!(listen.ip().is_loopback(), "{listen} is not loopback");
+            assert!(listen.port() >= 1024, "{listen} is not a high port");
+        }
+    }
+}
+
+#[test]
+fn defaults_are_applied() {
+    let config = ok(SERVICE);
+    assert_eq!(config.source, PathBuf::from("t.toml"));
+    assert_eq!(
+        config.global,
+        GlobalConfig {
+            admin: None,
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    );
+    assert_eq!(
+        config.resolver,
+        ResolverConfig {
+            nameservers: vec![],
+            timeout: Duration::from_secs(2),
+            min_refresh: Duration::from_secs(1),
+            max_refresh: Duration::from_secs(60),
+            empty_hold: Duration::from_secs(30),
+        }
+    );
+    let expected = ServiceConfig {
+        name: "pg".to_string(),
+        listen: vec![addr("127.0.0.1:5432")],
+        srv: None,
+        static_backends: vec![addr("10.0.0.5:5432")],
+        balance: Balance::Maglev,
+        hash_key: HashKey::ClientIp,
+        connect_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(3600),
+        connect_retries: 2,
+        max_connections: 10_000,
+        allow: vec![],
+        deny: vec![],
+        send_proxy: None,
+        health: HealthConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        },
+    };
+    assert_eq!(config.services, vec![expected]);
+}
+
+#[test]
+fn every_key_is_read() {
+    let config = ok(r#"
+[global]
+admin = "[::1]:9901"
+log_format = "json"
+shutdown_grace = "0s"
+[resolver]
+nameservers = ["10.0.0.53", "127.0.0.1:8600", "[::1]:5353", "::2", "[::3]"]
+timeout = "500ms"
+min_refresh = "5s"
+max_refresh = "5m"
+empty_hold = "0s"
+[[service]]
+name = "a.b-c_d"
+listen = ["[::]:5432", "0.0.0.0:5432"]
+srv = "db.service.consul."
+balance = "p2c"
+hash_key = "client_ip_port"
+connect_timeout = "1s500ms"
+idle_timeout = "1h30m"
+connect_retries = 0
+max_connections = 7
+allow = ["10.0.0.0/8", "192.0.2.7"]
+deny = ["2001:db8::/32"]
+send_proxy = "v1"
+[service.health]
+consecutive_failures = 1
+base_ejection = "1s"
+max_ejection = "1s"
+max_ejected_percent = 100
+"#);
+    assert_eq!(config.global.admin, Some(addr("[::1]:9901")));
+    assert_eq!(config.global.log_format, LogFormat::Json);
+    assert_eq!(config.global.shutdown_grace, Duration::ZERO);
+    let ns: Vec<SocketAddr> = [
+        "10.0.0.53:53",
+        "127.0.0.1:8600",
+        "[::1]:5353",
+        "[::2]:53",
+        "[::3]:53",
+    ]
+    .iter()
+    .map(|s| addr(s))
+    .collect();
+    assert_eq!(config.resolver.nameservers, ns);
+    assert_eq!(config.resolver.timeout, Duration::from_millis(500));
+    let s = &config.services[0];
+    assert_eq!(s.listen, vec![addr("[::]:5432"), addr("0.0.0.0:5432")]);
+    assert_eq!(s.srv.as_deref(), Some("db.service.consul."));
+    assert_eq!(
+        (s.balance, s.hash_key),
+        (Balance::P2c, HashKey::ClientIpPort)
+    );
+    assert_eq!(s.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(s.idle_timeout, Duration::from_secs(5400));
+    assert_eq!((s.connect_retries, s.max_connections), (0, 7));
+    assert_eq!(
+        s.allow,
+        vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.7/32".parse().unwrap()
+        ]
+    );
+    assert_eq!(s.deny, vec!["2001:db8::/32".parse().unwrap()]);
+    assert_eq!(s.send_proxy, Some(ProxyProtocol::V1));
+    assert_eq!(s.health.consecutive_failures, 1);
+    assert_eq!(s.health.max_ejected_percent, 100);
+}
+
+#[test]
+fn ipv6_listen() {
+    let config = ok(
+        "[[service]]\nname = \"v6\"\nlisten = [\"[::1]:8080\", \"[fe80::1%2]:8080\"]\nsrv = \"_http._tcp.example.com\"\n",
+    );
+    assert_eq!(config.services[0].listen[0], addr("[::1]:8080"));
+    assert!(config.services[0].listen[1].is_ipv6());
+}
+
+#[test]
+fn durations_parse_table() {
+    let good = [
+        ("0s", 0),
+        ("250ms", 250),
+        ("2s", 2_000),
+        ("5m", 300_000),
+        ("1h", 3_600_000),
+        ("1h30m", 5_400_000),
+        ("1m30s", 90_000),
+        ("2s500ms", 2_500),
+        ("1h2m3s4ms", 3_723_004),
+        ("90s", 90_000),
+    ];
+    for (text, ms) in good {
+        assert_eq!(
+            parse_duration(text),
+            Ok(Duration::from_millis(ms)),
+            "{text}"
+        );
+    }
+    let bad = [
+        ("", "empty duration"),
+        ("5", "has no unit"),
+        ("-5s", "negative"),
+        ("1.5s", "not a whole number"),
+        ("5d", "unknown unit \"d\""),
+        ("5 s", "unknown unit \" s\""),
+        ("s", "does not start a group with a number"),
+        ("30m1h", "largest to smallest"),
+        ("1s1s", "largest to smallest"),
+        ("99999999999999999999s", "too large"),
+        ("9999999999999999h", "too large"),
+    ];
+    for (text, reason) in bad {
+        match parse_duration(text) {
+            Ok(d) => panic!("{text:?} parsed as {d:?}"),
+            Err(e) => assert!(e.contains(reason), "{text:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn durations_format_as_written() {
+    for text in ["0s", "250ms", "2s", "1m30s", "1h", "1h30m", "2s500ms"] {
+        let parsed = parse_duration(text).unwrap();
+        assert_eq!(format_duration(parsed), text);
+    }
+    assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+}
+
+#[test]
+fn plan_mentions_every_service_and_listener() {
+    let config = ok(&format!(
+        "{SERVICE}\n[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\", \"[::1]:8080\"]\nsrv = \"_http._tcp.example.com\"\nbalance = \"p2c\"\n"
+    ));
+    let plan = config.plan();
+    for needle in [
+        "t.toml: 2 services, 3 listeners",
+        "service \"pg\"",
+        "service \"web\"",
+        "127.0.0.1:5432",
+        "127.0.0.1:8080",
+        "[::1]:8080",
+        "static 10.0.0.5:5432",
+        "SRV _http._tcp.example.com via system resolver",
+        "maglev, keyed by client IP",
+        "p2c",
+        "record TTL, clamped to 1s..1m",
+        "timeout 2s, up to 2 retries",
+        "eject after 3 consecutive",
+        "admin              none",
+    ] {
+        assert!(plan.contains(needle), "plan lacks {needle:?}:\n{plan}");
+    }
+    // Continuation lines line up under the first value.
+    assert!(
+        plan.contains("  listen             127.0.0.1:8080\n                     [::1]:8080\n"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn same_discovery_ignores_static_order_and_name_case() {
+    let config = ok(
+        "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nsrv = \"_x._tcp.Example.com\"\nstatic = [\"10.0.0.1:1\", \"10.0.0.2:1\"]\n\
+         [[service]]\nname = \"b\"\nlisten = [\"127.0.0.1:2\"]\nsrv = \"_x._tcp.example.COM\"\nstatic = [\"10.0.0.2:1\", \"10.0.0.1:1\"]\n\
+         [[service]]\nname = \"c\"\nlisten = [\"127.0.0.1:3\"]\nsrv = \"_x._tcp.example.com\"\nstatic = [\"10.0.0.1:1\"]\n\
+         [[service]]\nname = \"d\"\nlisten = [\"127.0.0.1:4\"]\nstatic = [\"10.0.0.1:1\", \"10.0.0.2:1\"]\n",
+    );
+    let s = &config.services;
+    assert!(s[0].same_discovery(&s[1]));
+    assert!(!s[0].same_discovery(&s[2]));
+    assert!(!s[0].same_discovery(&s[3]));
+}
+
+// ---- errors: each checks message, line and column ----
+
+#[test]
+fn unknown_key_names_it_and_lists_valid_ones() {
+    let e = err(&format!("{SERVICE}balanse = \"p2c\"\n"));
+    assert!(
+        e.starts_with(
+            "t.toml:5:1: service \"pg\": unknown field `balanse`, expected one of `name`"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("`balance`"), "{e}");
+}
+
+#[test]
+fn unknown_key_in_health_and_top_level() {
+    let e = err(&format!(
+        "{SERVICE}[service.health]\nmax_ejections = \"1m\"\n"
+    ));
+    assert!(
+        e.starts_with("t.toml:6:1: service \"pg\": unknown field `max_ejections`"),
+        "{e}"
+    );
+    let e = err(&format!("[globals]\nadmin = \"127.0.0.1:1\"\n{SERVICE}"));
+    assert_eq!(
+        e,
+        "t.toml:1:2: unknown field `globals`, expected one of `global`, `resolver`, `service`"
+    );
+    let e = err(&format!("[resolver]\nnameserver = []\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:1: unknown field `nameserver`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unnamed_service_errors_use_its_position() {
+    let e = err(&format!(
+        "{SERVICE}[[service]]\nlisten = [\"127.0.0.1:1\"]\nbogus = 1\n"
+    ));
+    assert!(
+        e.starts_with("t.toml:7:1: service #2: unknown field `bogus`"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{SERVICE}[[service]]\nlisten = [\"127.0.0.1:1\"]\n"
+    ));
+    assert_eq!(e, "t.toml:5:1: service #2: name is required");
+}
+
+#[test]
+fn syntax_and_type_errors_keep_tomls_location() {
+    let e = err("[[service]]\nname = \"pg\nlisten = []\n");
+    assert!(e.starts_with("t.toml:2:"), "{e}");
+    let e = err(&format!("{SERVICE}connect_retries = \"two\"\n"));
+    assert!(
+        e.starts_with("t.toml:5:19: service \"pg\": invalid type: string \"two\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let e = err(&format!("{SERVICE}connect_timeout = \"2 seconds\"\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:19: service \"pg\": connect_timeout: unknown unit \" seconds\" in \"2 seconds\"; expected a duration like \"250ms\", \"2s\" or \"5m\""
+    );
+    let e = err(&format!("[global]\nshutdown_grace = 30\n{SERVICE}"));
+    assert_eq!(
+        e,
+        "t.toml:2:18: global.shutdown_grace: 30 has no unit; expected a duration like \"250ms\", \"2s\" or \"5m\""
+    );
+    let e = err(&format!(
+        "{SERVICE}[service.health]\nmax_ejection = \"-1m\"\n"
+    ));
+    assert!(
+        e.starts_with(
+            "t.toml:6:16: service \"pg\": health.max_ejection: negative durations are not allowed;"
+        ),
+        "{e}"
+    );
+    let e = err(&format!("[resolver]\ntimeout = \"\"\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:11: resolver.timeout: empty duration;"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_addresses() {
+    let e =
+        err("[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\", \"db:5432\"]\nsrv = \"a.b\"\n");
+    assert_eq!(
+        e,
+        "t.toml:3:26: service \"pg\": listen address \"db:5432\" is not an IP:port address like \"127.0.0.1:5432\" or \"[::1]:5432\" (host names are not resolved here; use srv)"
+    );
+    let e =
+        err("[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\nstatic = [\"10.0.0.1\"]\n");
+    assert_eq!(
+        e,
+        "t.toml:4:11: service \"pg\": static backend \"10.0.0.1\" has no port; write \"10.0.0.1:PORT\""
+    );
+    let e = err("[[service]]\nname = \"pg\"\nlisten = [\"[::1]:0\"]\nsrv = \"a.b\"\n");
+    assert_eq!(
+        e,
+        "t.toml:3:11: service \"pg\": listen address \"[::1]:0\": port 0 is not allowed"
+    );
+    let e = err(&format!("[global]\nadmin = \"localhost:9901\"\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:9: global.admin \"localhost:9901\" is not an IP:port"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[resolver]\nnameservers = [\"1.1.1.1\", \"dns.google\"]\n{SERVICE}"
+    ));
+    assert!(
+        e.starts_with("t.toml:2:27: resolver.nameservers: \"dns.google\" is not an IP address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    let e = err(&format!(
+        "{SERVICE}allow = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:5:24: service \"pg\": allow: \"10.0.0.0/33\" is not a network like \"10.0.0.0/8\" or \"2001:db8::/32\", or a single IP address"
+    );
+    let e = err(&format!("{SERVICE}deny = [\"10.1.2.3/8\"]\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:9: service \"pg\": deny: \"10.1.2.3/8\" has host bits set; did you mean \"10.0.0.0/8\"?"
+    );
+}
+
+#[test]
+fn service_needs_a_discovery_source() {
+    let e = err("[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\n");
+    assert!(
+        e.starts_with("t.toml:1:1: service \"pg\": no discovery source: set srv"),
+        "{e}"
+    );
+    let e = err("[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\nstatic = []\n");
+    assert!(
+        e.starts_with("t.toml:4:10: service \"pg\": no discovery source"),
+        "{e}"
+    );
+}
+
+#[test]
+fn listen_required_and_not_empty() {
+    let e = err("\n[[service]]\nname = \"pg\"\nsrv = \"a.b\"\n");
+    assert_eq!(
+        e,
+        "t.toml:2:1: service \"pg\": listen is required, e.g. listen = [\"127.0.0.1:5432\"]"
+    );
+    let e = err("[[service]]\nname = \"pg\"\nsrv = \"a.b\"\nlisten = []\n");
+    assert_eq!(e, "t.toml:4:10: service \"pg\": listen must not be empty");
+}
+
+#[test]
+fn duplicate_listen_addresses() {
+    let e = err(
+        "[[service]]\nname = \"pg\"\nsrv = \"a.b\"\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
+    );
+    assert_eq!(
+        e,
+        "t.toml:4:26: service \"pg\": listen address 127.0.0.1:1 is listed twice"
+    );
+    let e = err(&format!(
+        "{SERVICE}[[service]]\nname = \"web\"\nsrv = \"a.b\"\nlisten = [\"127.0.0.1:5432\"]\n"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:8:11: service \"web\": listen address 127.0.0.1:5432 is already used by service \"pg\""
+    );
+    let e = err(&format!(
+        "{SERVICE}[[service]]\nname = \"web\"\nsrv = \"a.b\"\nlisten = [\"0.0.0.0:5432\"]\n"
+    ));
+    assert!(e.starts_with("t.toml:8:11: service \"web\": listen address 0.0.0.0:5432 overlaps 127.0.0.1:5432 of service \"pg\""), "{e}");
+    // Same port in the other address family is fine (the proxy binds v6 sockets v6-only).
+    ok(&format!(
+        "{SERVICE}[[service]]\nname = \"web\"\nsrv = \"a.b\"\nlisten = [\"[::]:5432\"]\n"
+    ));
+    let e = err(&format!("[global]\nadmin = \"127.0.0.1:5432\"\n{SERVICE}"));
+    assert_eq!(
+        e,
+        "t.toml:2:9: global.admin 127.0.0.1:5432 collides with listen address 127.0.0.1:5432 of service \"pg\""
+    );
+}
+
+#[test]
+fn duplicate_static_backend() {
+    let e = err(
+        "[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\nstatic = [\"10.0.0.1:1\", \"10.0.0.1:1\"]\n",
+    );
+    assert_eq!(
+        e,
+        "t.toml:4:25: service \"pg\": static backend 10.0.0.1:1 is listed twice"
+    );
+}
+
+#[test]
+fn service_names() {
+    let e = err(&format!(
+        "{SERVICE}[[service]]\nname = \"pg\"\nsrv = \"a.b\"\nlisten = [\"127.0.0.1:2\"]\n"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:6:8: service \"pg\": name is already used by the service on line 2"
+    );
+    let e = err("[[service]]\nname = \"\"\nsrv = \"a.b\"\nlisten = [\"127.0.0.1:2\"]\n");
+    assert_eq!(e, "t.toml:2:8: service #1: name must not be empty");
+    let e = err("[[service]]\nname = \"my db\"\nsrv = \"a.b\"\nlisten = [\"127.0.0.1:2\"]\n");
+    assert_eq!(
+        e,
+        "t.toml:2:8: service #1: name \"my db\" may only contain letters, digits, '-', '_' and '.'"
+    );
+}
+
+#[test]
+fn invalid_srv_names() {
+    let cases = [
+        ("_pg._tcp..consul", "empty label"),
+        ("_pg._tcp.db consul", "character ' ' is not allowed"),
+        ("-x.example.com", "starts or ends with '-'"),
+        ("10.0.0.5:5432", "fixed backends go in static"),
+        ("", "it is empty"),
+    ];
+    for (name, reason) in cases {
+        let e = err(&format!(
+            "[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\nsrv = \"{name}\"\n"
+        ));
+        let expected =
+            format!("t.toml:4:7: service \"pg\": srv {name:?} is not a valid DNS name: ");
+        assert!(e.starts_with(&expected) && e.contains(reason), "{e}");
+    }
+    let long = format!("{}.com", "a".repeat(64));
+    let e = err(&format!(
+        "[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\nsrv = \"{long}\"\n"
+    ));
+    assert!(e.ends_with("is longer than 63 characters"), "{e}");
+}
+
+#[test]
+fn keywords_must_be_allowed_words() {
+    let e = err(&format!("{SERVICE}balance = \"roundrobin\"\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:11: service \"pg\": balance must be \"maglev\" or \"p2c\", not \"roundrobin\""
+    );
+    let e = err(&format!("{SERVICE}hash_key = 1\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:12: service \"pg\": hash_key must be \"client_ip\" or \"client_ip_port\", not 1"
+    );
+    let e = err(&format!("{SERVICE}send_proxy = \"V2\"\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:14: service \"pg\": send_proxy must be \"v1\" or \"v2\", not \"V2\""
+    );
+    let e = err(&format!("[global]\nlog_format = \"xml\"\n{SERVICE}"));
+    assert_eq!(
+        e,
+        "t.toml:2:14: global.log_format must be \"text\" or \"json\", not \"xml\""
+    );
+}
+
+#[test]
+fn ordered_durations() {
+    let e = err(&format!(
+        "[resolver]\nmin_refresh = \"5m\"\nmax_refresh = \"1m\"\n{SERVICE}"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:2:15: resolver.min_refresh (5m) must not be longer than resolver.max_refresh (1m)"
+    );
+    let e = err(&format!("[resolver]\nmin_refresh = \"2m\"\n{SERVICE}"));
+    assert_eq!(
+        e,
+        "t.toml:2:15: resolver.min_refresh (2m) must not be longer than resolver.max_refresh (1m, the default)"
+    );
+    let e = err(&format!(
+        "{SERVICE}[service.health]\nmax_ejection = \"5s\"\n"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:6:16: service \"pg\": health.base_ejection (10s, the default) must not be longer than health.max_ejection (5s)"
+    );
+}
+
+#[test]
+fn numeric_limits() {
+    let e = err(&format!(
+        "{SERVICE}[service.health]\nmax_ejected_percent = 101\n"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:6:23: service \"pg\": health.max_ejected_percent must be at most 100, not 101"
+    );
+    let e = err(&format!(
+        "{SERVICE}[service.health]\nconsecutive_failures = 0\n"
+    ));
+    assert_eq!(
+        e,
+        "t.toml:6:24: service \"pg\": health.consecutive_failures must be at least 1, not 0"
+    );
+    let e = err(&format!("{SERVICE}max_connections = 0\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:19: service \"pg\": max_connections must be at least 1, not 0"
+    );
+    let e = err(&format!("{SERVICE}connect_retries = -1\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:19: service \"pg\": connect_retries must be at least 0, not -1"
+    );
+    let e = err(&format!("{SERVICE}connect_timeout = \"0ms\"\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:19: service \"pg\": connect_timeout must be greater than zero"
+    );
+}
+
+#[test]
+fn no_services() {
+    assert_eq!(
+        err("[global]\nlog_format = \"json\"\n"),
+        "t.toml: no services defined; add at least one [[service]] table with name, listen and srv or static"
+    );
+    let e = err("service = []\n");
+    assert!(e.starts_with("t.toml:1:11: no services defined"), "{e}");
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    // "é" is two bytes: the bad balance value is character 40 of the line but byte 41.
+    // (balance is checked before hash_key, so the error lands after the "é".)
+    let e = err(
+        "service = [{ hash_key = \"é\", balance = \"x\", name = \"pg\", listen = [\"127.0.0.1:1\"], static = [\"10.0.0.1:1\"] }]\n",
+    );
+    assert!(
+        e.starts_with("t.toml:1:40: service \"pg\": balance must be"),
+        "{e}"
+    );
+    let text = "ab\né€x";
+    assert_eq!(
+        super::error::line_column(text, text.find('x').unwrap()),
+        (2, 3)
+    );
+    assert_eq!(super::error::line_column(text, 0), (1, 1));
+    assert_eq!(super::error::line_column(text, 3), (2, 1));
+}
+
+#[test]
+fn load_reads_the_file_and_names_it_in_errors() {
+    let dir = std::env::temp_dir().join(format!("srvlb-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("srvlb.toml");
+    std::fs::write(&path, format!("{SERVICE}balance = \"rr\"\n")).unwrap();
+    let e = Config::load(&path).unwrap_err();
+    assert_eq!(e.location(), Some((5, 11)));
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}:5:11: service \"pg\"", path.display())),
+        "{e}"
+    );
+    std::fs::write(&path, SERVICE).unwrap();
+    assert_eq!(Config::load(&path).unwrap().source, path);
+
+    let missing = dir.join("missing.toml");
+    let e = Config::load(&missing).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }));
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: cannot read: ", missing.display())),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

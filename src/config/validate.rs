@@ -1,0 +1,493 @@
+//! Turns the raw file into a [`Config`]: applies defaults, checks each value and the rules that
+//! span several values (unique names and listeners, min <= max), and reports the first problem
+//! with the span of the value (or table) at fault.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::error::{Problem, line_column};
+use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Text};
+use super::values::{
+    addresses, check_dns_name, duration_or, integer, nameserver, networks, nonzero, ordered,
+    socket_addr, word,
+};
+use super::{
+    Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol, ResolverConfig,
+    ServiceConfig,
+};
+
+const NO_SERVICES: &str =
+    "no services defined; add at least one [[service]] table with name, listen and srv or static";
+
+pub(crate) fn config(text: &str, source: PathBuf) -> Result<Config, Problem> {
+    let document = DeTable::parse(text).map_err(|e| Problem::from_toml(&e, ""))?;
+    // Kept aside before the top-level pass consumes the document; see `RawFile::service`.
+    let service_values = document.get_ref().get("service").cloned();
+    let file = RawFile::deserialize(toml::de::Deserializer::from(document))
+        .map_err(|e| Problem::from_toml(&e, ""))?;
+
+    let (global, admin_span) = global(file.global.unwrap_or_default())?;
+    let resolver = resolver(file.resolver.unwrap_or_default())?;
+
+    let service_values = service_values.ok_or_else(|| Problem::whole_file(NO_SERVICES))?;
+    let list_span = service_values.span();
+    let DeValue::Array(array) = service_values.into_inner() else {
+        // RawFile already demanded an array; this only guards against that changing.
+        return Err(Problem::at(
+            list_span,
+            "service must be an array of tables ([[service]])",
+        ));
+    };
+    if array.is_empty() {
+        return Err(Problem::at(list_span, NO_SERVICES));
+    }
+
+    let mut services: Vec<ServiceConfig> = Vec::new();
+    let mut name_lines: Vec<usize> = Vec::new();
+    let mut listeners = Listeners::default();
+    for (index, value) in array.into_iter().enumerate() {
+        let header = value.span();
+        let prefix = toml_error_prefix(&value, index);
+        if !value.get_ref().is_table() {
+            return Err(Problem::at(
+                header,
+                "each service must be a table ([[service]] or {name = ...})",
+            ));
+        }
+        let raw = RawService::deserialize(ValueDeserializer::from(value))
+            .map_err(|e| Problem::from_toml(&e, &prefix))?;
+        let CheckedService {
+            service,
+            name_span,
+            listen_spans,
+        } = service(raw, header, index)?;
+
+        if let Some(earlier) = services.iter().position(|s| s.name == service.name) {
+            return Err(Problem::at(
+                name_span,
+                format!(
+                    "service {:?}: name is already used by the service on line {}",
+                    service.name, name_lines[earlier]
+                ),
+            ));
+        }
+        // In file order, so a conflict always blames the later listener.
+        for (addr, span) in service.listen.iter().zip(listen_spans) {
+            listeners.add(*addr, &service.name, span)?;
+        }
+        name_lines.push(line_column(text, name_span.start).0);
+        services.push(service);
+    }
+    if let (Some(admin), Some(span)) = (global.admin, admin_span) {
+        if let Some((taken, owner)) = listeners.conflict(admin) {
+            return Err(Problem::at(
+                span,
+                format!(
+                    "global.admin {admin} collides with listen address {taken} of service {owner:?}"
+                ),
+            ));
+        }
+    }
+
+    Ok(Config {
+        source,
+        global,
+        resolver,
+        services,
+    })
+}
+
+/// Prefix for toml's own errors inside a service: its name when it has a string one, else
+/// its position, so "unknown field" still says which service.
+fn toml_error_prefix(value: &Spanned<DeValue<'_>>, index: usize) -> String {
+    match value
+        .get_ref()
+        .get("name")
+        .and_then(|n| n.get_ref().as_str())
+    {
+        Some(name) => format!("service {name:?}: "),
+        None => format!("service #{}: ", index + 1),
+    }
+}
+
+fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Problem> {
+    let admin = match &raw.admin {
+        Some(text) => Some(socket_addr(text, "", "global.admin")?),
+        None => None,
+    };
+    let log_format = match &raw.log_format {
+        Some(value) => word(
+            value,
+            "",
+            "global.log_format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?,
+        None => LogFormat::Text,
+    };
+    let shutdown_grace = duration_or(
+        raw.shutdown_grace.as_ref(),
+        Duration::from_secs(30),
+        "",
+        "global.shutdown_grace",
+    )?;
+    let config = GlobalConfig {
+        admin,
+        log_format,
+        shutdown_grace,
+    };
+    Ok((config, raw.admin.map(|a| a.span())))
+}
+
+fn resolver(raw: RawResolver) -> Result<ResolverConfig, Problem> {
+    let nameservers = raw
+        .nameservers
+        .iter()
+        .flatten()
+        .map(nameserver)
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = duration_or(
+        raw.timeout.as_ref(),
+        Duration::from_secs(2),
+        "",
+        "resolver.timeout",
+    )?;
+    nonzero(timeout, raw.timeout.as_ref(), "", "resolver.timeout")?;
+    let min_refresh = duration_or(
+        raw.min_refresh.as_ref(),
+        Duration::from_secs(1),
+        "",
+        "resolver.min_refresh",
+    )?;
+    // A zero floor would let a TTL-0 record drive a query loop.
+    nonzero(
+        min_refresh,
+        raw.min_refresh.as_ref(),
+        "",
+        "resolver.min_refresh",
+    )?;
+    let max_refresh = duration_or(
+        raw.max_refresh.as_ref(),
+        Duration::from_secs(60),
+        "",
+        "resolver.max_refresh",
+    )?;
+    ordered(
+        (
+            "resolver.min_refresh",
+            min_refresh,
+            raw.min_refresh.as_ref(),
+        ),
+        (
+            "resolver.max_refresh",
+            max_refresh,
+            raw.max_refresh.as_ref(),
+        ),
+        "",
+    )?;
+    let empty_hold = duration_or(
+        raw.empty_hold.as_ref(),
+        Duration::from_secs(30),
+        "",
+        "resolver.empty_hold",
+    )?;
+    Ok(ResolverConfig {
+        nameservers,
+        timeout,
+        min_refresh,
+        max_refresh,
+        empty_hold,
+    })
+}
+
+/// A service valid on its own, with the spans the checks across services point at.
+struct CheckedService {
+    service: ServiceConfig,
+    name_span: Range<usize>,
+    listen_spans: Vec<Range<usize>>,
+}
+
+/// Validates one service on its own.
+fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<CheckedService, Problem> {
+    let (name, name_span) = service_name(raw.name, header.clone(), index)?;
+    let p = format!("service {name:?}: ");
+    let p = p.as_str();
+
+    let listen_spans: Vec<Range<usize>> = raw
+        .listen
+        .iter()
+        .flat_map(|list| list.get_ref().iter().map(|text| text.span()))
+        .collect();
+    let listen = match &raw.listen {
+        None => {
+            return Err(Problem::at(
+                header,
+                format!(r#"{p}listen is required, e.g. listen = ["127.0.0.1:5432"]"#),
+            ));
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(Problem::at(
+                list.span(),
+                format!("{p}listen must not be empty"),
+            ));
+        }
+        Some(list) => addresses(list, p, "listen address")?,
+    };
+
+    let srv = match raw.srv {
+        Some(text) => {
+            if let Err(reason) = check_dns_name(text.get_ref()) {
+                return Err(Problem::at(
+                    text.span(),
+                    format!(
+                        "{p}srv {:?} is not a valid DNS name: {reason}",
+                        text.get_ref()
+                    ),
+                ));
+            }
+            Some(text.into_inner())
+        }
+        None => None,
+    };
+    let static_backends = match &raw.static_backends {
+        Some(list) => addresses(list, p, "static backend")?,
+        None => Vec::new(),
+    };
+    if srv.is_none() && static_backends.is_empty() {
+        let span = raw.static_backends.as_ref().map_or(header, |s| s.span());
+        return Err(Problem::at(
+            span,
+            format!(
+                r#"{p}no discovery source: set srv = "_name._tcp.example.com", static = ["10.0.0.5:5432"], or both"#
+            ),
+        ));
+    }
+
+    let balance = match &raw.balance {
+        Some(v) => word(
+            v,
+            p,
+            "balance",
+            &[("maglev", Balance::Maglev), ("p2c", Balance::P2c)],
+        )?,
+        None => Balance::Maglev,
+    };
+    let hash_key = match &raw.hash_key {
+        Some(v) => word(
+            v,
+            p,
+            "hash_key",
+            &[
+                ("client_ip", HashKey::ClientIp),
+                ("client_ip_port", HashKey::ClientIpPort),
+            ],
+        )?,
+        None => HashKey::ClientIp,
+    };
+    let connect_timeout = duration_or(
+        raw.connect_timeout.as_ref(),
+        Duration::from_secs(2),
+        p,
+        "connect_timeout",
+    )?;
+    nonzero(
+        connect_timeout,
+        raw.connect_timeout.as_ref(),
+        p,
+        "connect_timeout",
+    )?;
+    let idle_timeout = duration_or(
+        raw.idle_timeout.as_ref(),
+        Duration::from_secs(3600),
+        p,
+        "idle_timeout",
+    )?;
+    // Zero would close every connection at once; there is no "disabled" meaning to give it.
+    nonzero(idle_timeout, raw.idle_timeout.as_ref(), p, "idle_timeout")?;
+    let connect_retries = integer(raw.connect_retries.as_ref(), 2, 0, p, "connect_retries")?;
+    let max_connections = integer(
+        raw.max_connections.as_ref(),
+        10_000,
+        1,
+        p,
+        "max_connections",
+    )?;
+    let allow = networks(raw.allow.as_deref(), p, "allow")?;
+    let deny = networks(raw.deny.as_deref(), p, "deny")?;
+    let send_proxy = match &raw.send_proxy {
+        Some(v) => Some(word(
+            v,
+            p,
+            "send_proxy",
+            &[("v1", ProxyProtocol::V1), ("v2", ProxyProtocol::V2)],
+        )?),
+        None => None,
+    };
+    let health = health(raw.health.unwrap_or_default(), p)?;
+
+    let service = ServiceConfig {
+        name,
+        listen,
+        srv,
+        static_backends,
+        balance,
+        hash_key,
+        connect_timeout,
+        idle_timeout,
+        connect_retries,
+        max_connections,
+        allow,
+        deny,
+        send_proxy,
+        health,
+    };
+    Ok(CheckedService {
+        service,
+        name_span,
+        listen_spans,
+    })
+}
+
+fn service_name(
+    raw: Option<Text>,
+    header: Range<usize>,
+    index: usize,
+) -> Result<(String, Range<usize>), Problem> {
+    let p = format!("service #{}: ", index + 1);
+    let Some(name) = raw else {
+        return Err(Problem::at(header, format!("{p}name is required")));
+    };
+    let span = name.span();
+    let name = name.into_inner();
+    if name.is_empty() {
+        return Err(Problem::at(span, format!("{p}name must not be empty")));
+    }
+    // Names appear in logs, metrics labels and /status; keep them to a safe alphabet.
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Problem::at(
+            span,
+            format!("{p}name {name:?} may only contain letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok((name, span))
+}
+
+fn health(raw: RawHealth, p: &str) -> Result<HealthConfig, Problem> {
+    let consecutive_failures = integer(
+        raw.consecutive_failures.as_ref(),
+        3,
+        1,
+        p,
+        "health.consecutive_failures",
+    )?;
+    let base_ejection = duration_or(
+        raw.base_ejection.as_ref(),
+        Duration::from_secs(10),
+        p,
+        "health.base_ejection",
+    )?;
+    nonzero(
+        base_ejection,
+        raw.base_ejection.as_ref(),
+        p,
+        "health.base_ejection",
+    )?;
+    let max_ejection = duration_or(
+        raw.max_ejection.as_ref(),
+        Duration::from_secs(300),
+        p,
+        "health.max_ejection",
+    )?;
+    ordered(
+        (
+            "health.base_ejection",
+            base_ejection,
+            raw.base_ejection.as_ref(),
+        ),
+        (
+            "health.max_ejection",
+            max_ejection,
+            raw.max_ejection.as_ref(),
+        ),
+        p,
+    )?;
+    let percent: u32 = integer(
+        raw.max_ejected_percent.as_ref(),
+        50,
+        0,
+        p,
+        "health.max_ejected_percent",
+    )?;
+    let max_ejected_percent = u8::try_from(percent)
+        .ok()
+        .filter(|percent| *percent <= 100)
+        .ok_or_else(|| {
+            // Only reachable with an explicit value: the default is 50.
+            let span = raw.max_ejected_percent.map_or(0..0, |v| v.span());
+            Problem::at(
+                span,
+                format!("{p}health.max_ejected_percent must be at most 100, not {percent}"),
+            )
+        })?;
+    Ok(HealthConfig {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+        max_ejected_percent,
+    })
+}
+
+/// Every listen address taken so far and by whom.
+#[derive(Default)]
+struct Listeners {
+    taken: Vec<(SocketAddr, String)>,
+}
+
+impl Listeners {
+    /// The first taken address that `addr` could not be bound beside: the same address, or
+    /// the same port and family where either side is the wildcard (which takes the port on
+    /// every interface of that family).
+    fn conflict(&self, addr: SocketAddr) -> Option<(SocketAddr, &str)> {
+        self.taken
+            .iter()
+            .find(|(taken, _)| {
+                taken.port() == addr.port()
+                    && taken.is_ipv4() == addr.is_ipv4()
+                    && (taken.ip() == addr.ip()
+                        || taken.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            })
+            .map(|(taken, owner)| (*taken, owner.as_str()))
+    }
+
+    fn add(&mut self, addr: SocketAddr, service: &str, span: Range<usize>) -> Result<(), Problem> {
+        if let Some((taken, owner)) = self.conflict(addr) {
+            let p = format!("service {service:?}: ");
+            let message = match (taken == addr, owner == service) {
+                (true, false) => {
+                    format!("{p}listen address {addr} is already used by service {owner:?}")
+                }
+                (false, false) => format!(
+                    "{p}listen address {addr} overlaps {taken} of service {owner:?} \
+                     (a wildcard address takes the port on every interface)"
+                ),
+                // Exact repeats within one service are caught while parsing the list.
+                (_, true) => format!(
+                    "{p}listen address {addr} overlaps {taken} of the same service \
+                     (a wildcard address takes the port on every interface)"
+                ),
+            };
+            return Err(Problem::at(span, message));
+        }
+        self.taken.push((addr, service.to_string()));
+        Ok(())
+    }
+}
