@@ -3,5 +3,12 @@
 //! The library holds every piece of the balancer so that tests, benchmarks and the demo
 //! drive the same code as the `srvlb` binary. See DESIGN.md for the module map.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod control;
+pub mod discovery;
+pub mod health;
+pub mod pool;
+pub mod proxy;
+pub mod service;

@@ -1,1 +1,139 @@
-fn main(){}
+//! The `srvlb` command: `run` (the default) serves a configuration until SIGTERM, `check`
+//! validates one like `nginx -t` and prints the plan. Exit codes: 0 ok, 1 invalid
+//! configuration, 2 runtime failure (a listener that cannot be bound, ...).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use srvlb::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+const DEFAULT_CONFIG: &str = "/etc/srvlb/config.toml";
+
+#[derive(Parser)]
+#[command(name = "srvlb", version, about = "Layer-4 TCP load balancer driven by DNS SRV records")]
+struct Cli {
+    /// Configuration file (for the default `run` command).
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the configuration until SIGTERM/SIGINT; SIGHUP reloads it.
+    Run,
+    /// Validate the configuration and print what srvlb would do, then exit.
+    Check {
+        /// Also perform the DNS lookups and print the backends each service would use.
+        #[arg(long)]
+        resolve: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Some(Command::Check { resolve }) => check(&config, resolve),
+        Some(Command::Run) | None => run(path, config),
+    }
+}
+
+fn check(config: &Config, resolve: bool) -> ExitCode {
+    print!("{}", config.plan());
+    if resolve {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if !runtime.block_on(print_resolution(config)) {
+            return ExitCode::from(1);
+        }
+    }
+    println!("configuration ok");
+    ExitCode::SUCCESS
+}
+
+/// Looks every SRV name up once and prints the backends; false when a lookup failed.
+async fn print_resolution(config: &Config) -> bool {
+    use srvlb::discovery::{Answer, build_resolver, lookup_srv, static_endpoints};
+    let resolver = match build_resolver(&config.resolver) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for service in &config.services {
+        println!("service \"{}\" resolves to:", service.name);
+        if let Some(srv) = &service.srv {
+            match lookup_srv(&resolver, srv, &Default::default()).await {
+                Answer::Found { endpoints, ttl } => {
+                    for ep in endpoints {
+                        println!(
+                            "  {:<40} priority {:<5} weight {:<5} {}",
+                            format!("{}:{}", ep.target, ep.port),
+                            ep.priority,
+                            ep.weight,
+                            ep.addr
+                        );
+                    }
+                    println!("  (SRV {srv}, ttl {ttl}s)");
+                }
+                Answer::Absent(why) => println!("  SRV {srv}: {why}"),
+                Answer::Failed(why) => {
+                    println!("  SRV {srv}: lookup failed: {why}");
+                    ok = false;
+                }
+            }
+        }
+        for ep in static_endpoints(&service.static_backends) {
+            println!("  {:<40} static (last-resort tier)", ep.addr);
+        }
+    }
+    ok
+}
+
+fn run(path: PathBuf, config: Config) -> ExitCode {
+    init_logging(config.global.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(srvlb::control::run(path, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "srvlb failed");
+            eprintln!("srvlb: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("SRVLB_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

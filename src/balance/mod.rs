@@ -6,6 +6,7 @@
 
 pub mod maglev;
 pub mod p2c;
+pub mod select;
 
 pub use maglev::{MaglevError, MaglevTable, Preference};
 pub use p2c::P2cTable;

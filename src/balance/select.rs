@@ -1,0 +1,262 @@
+//! Turns a snapshot into an ordered stream of candidate backends for one client connection:
+//! preferred tier first, the configured algorithm within a tier, never the same backend twice,
+//! and, when every backend is ejected, the least recently failed one rather than nothing.
+//! The proxy only asks "next?"; how retries pick is decided here.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::hash_key;
+use crate::config::{Balance, HashKey};
+use crate::pool::{Backend, Snapshot, Tier};
+
+/// The selection key of a client: its address (and port with `client_ip_port`) hashed the
+/// same way in every srvlb instance.
+pub fn client_key(client: SocketAddr, hash: HashKey) -> u64 {
+    let ip = match client.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let mut bytes = [0u8; 18];
+    let len = match ip {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            bytes[..16].copy_from_slice(&v6.octets());
+            16
+        }
+    };
+    match hash {
+        HashKey::ClientIp => hash_key(&bytes[..len]),
+        HashKey::ClientIpPort => {
+            bytes[len..len + 2].copy_from_slice(&client.port().to_be_bytes());
+            hash_key(&bytes[..len + 2])
+        }
+    }
+}
+
+/// Candidate backends for one connection, in the order they should be tried.
+pub struct Selector<'a> {
+    snapshot: &'a Snapshot,
+    balance: Balance,
+    key: u64,
+    now: u64,
+    /// Addresses of the `Backend`s already handed out (pointer identity, kept as integers so
+    /// the selector stays `Send` across the proxy's awaits).
+    tried: Vec<usize>,
+}
+
+impl<'a> Selector<'a> {
+    pub fn new(snapshot: &'a Snapshot, balance: Balance, key: u64, now: u64) -> Selector<'a> {
+        Selector {
+            snapshot,
+            balance,
+            key,
+            now,
+            tried: Vec::with_capacity(4),
+        }
+    }
+
+    /// The next backend to try, or `None` when every backend has been tried.
+    pub fn next_backend<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Option<Arc<Backend>> {
+        let picked = self
+            .snapshot
+            .tiers
+            .iter()
+            .find_map(|tier| self.pick_in_tier(tier, rng))
+            .or_else(|| self.least_recently_failed())?;
+        self.tried.push(Arc::as_ptr(&picked) as usize);
+        Some(picked)
+    }
+
+    fn usable(&self, backend: &Arc<Backend>) -> bool {
+        backend.health.is_available(self.now) && !self.was_tried(backend)
+    }
+
+    fn was_tried(&self, backend: &Arc<Backend>) -> bool {
+        self.tried.contains(&(Arc::as_ptr(backend) as usize))
+    }
+
+    fn pick_in_tier<R: Rng + ?Sized>(&self, tier: &Tier, rng: &mut R) -> Option<Arc<Backend>> {
+        let weighted = match self.balance {
+            Balance::Maglev => tier
+                .maglev
+                .preference(self.key)
+                .map(|i| &tier.backends[i])
+                .find(|b| self.usable(b)),
+            Balance::P2c => tier
+                .p2c
+                .pick(
+                    rng,
+                    |i| tier.backends[i].active(),
+                    |i| self.usable(&tier.backends[i]),
+                )
+                .map(|i| &tier.backends[i]),
+        };
+        weighted
+            .or_else(|| self.zero_weight_fallback(tier))
+            .map(Arc::clone)
+    }
+
+    /// RFC 2782: weight-0 backends take traffic only when no weighted backend of the tier is
+    /// usable. (When every weight is 0 the tables already cover them all.)
+    fn zero_weight_fallback<'t>(&self, tier: &'t Tier) -> Option<&'t Arc<Backend>> {
+        let zero = tier
+            .backends
+            .iter()
+            .zip(&tier.weights)
+            .filter(|(b, w)| **w == 0 && self.usable(b))
+            .map(|(b, _)| b);
+        match self.balance {
+            // Stable per client: start at a key-derived offset.
+            Balance::Maglev => {
+                let candidates: usize = zero.clone().count();
+                if candidates == 0 {
+                    return None;
+                }
+                let skip = usize::try_from(self.key % candidates as u64).unwrap_or(0);
+                zero.clone().nth(skip)
+            }
+            Balance::P2c => zero.min_by_key(|b| b.active()),
+        }
+    }
+
+    /// Every backend is ejected or tried: better a slow answer than none, so take the one
+    /// that failed longest ago among those not tried yet.
+    fn least_recently_failed(&self) -> Option<Arc<Backend>> {
+        self.snapshot
+            .iter()
+            .map(|(_, b)| b)
+            .filter(|b| !self.was_tried(b))
+            .min_by_key(|b| b.health.last_failure())
+            .map(Arc::clone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HealthConfig;
+    use crate::pool::{Endpoint, Pool};
+    use std::time::Duration;
+
+    fn pool(spec: &[(u8, u16, u16)]) -> Pool {
+        let pool = Pool::new("svc", 1009);
+        let eps: Vec<Endpoint> = spec
+            .iter()
+            .map(|&(i, priority, weight)| Endpoint {
+                target: format!("b{i}.test."),
+                port: 80,
+                addr: SocketAddr::from(([127, 0, 0, i], 80)),
+                priority,
+                weight,
+            })
+            .collect();
+        pool.update(&eps).expect("update");
+        pool
+    }
+
+    fn eject(b: &Backend, now: u64) {
+        let policy = HealthConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(60),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        b.health.record_failure(now, &policy, || true);
+    }
+
+    fn first(snapshot: &Snapshot, balance: Balance, key: u64, now: u64) -> u8 {
+        let mut rng = rand::rng();
+        let b = Selector::new(snapshot, balance, key, now)
+            .next_backend(&mut rng)
+            .expect("a backend");
+        match b.addr().ip() {
+            IpAddr::V4(v4) => v4.octets()[3],
+            IpAddr::V6(_) => 0,
+        }
+    }
+
+    #[test]
+    fn preferred_tier_first_then_failover() {
+        let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 20, 1)]);
+        let snap = p.snapshot();
+        let now = crate::health::now_ms();
+        for key in 0..200u64 {
+            assert_ne!(first(&snap, Balance::Maglev, key, now), 3);
+        }
+        for b in &snap.tiers[0].backends {
+            eject(b, now);
+        }
+        for key in 0..50u64 {
+            assert_eq!(first(&snap, Balance::Maglev, key, now), 3);
+            assert_eq!(first(&snap, Balance::P2c, key, now), 3);
+        }
+    }
+
+    #[test]
+    fn never_the_same_backend_twice_and_ends() {
+        let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 20, 1)]);
+        let snap = p.snapshot();
+        let mut rng = rand::rng();
+        for balance in [Balance::Maglev, Balance::P2c] {
+            let mut s = Selector::new(&snap, balance, 42, crate::health::now_ms());
+            let mut seen = Vec::new();
+            while let Some(b) = s.next_backend(&mut rng) {
+                assert!(!seen.contains(&b.addr()), "{balance:?} repeated {}", b.addr());
+                seen.push(b.addr());
+            }
+            assert_eq!(seen.len(), 3);
+        }
+    }
+
+    #[test]
+    fn zero_weight_only_when_weighted_unusable() {
+        let p = pool(&[(1, 10, 5), (2, 10, 0)]);
+        let snap = p.snapshot();
+        let now = crate::health::now_ms();
+        for key in 0..100u64 {
+            assert_eq!(first(&snap, Balance::Maglev, key, now), 1);
+            assert_eq!(first(&snap, Balance::P2c, key, now), 1);
+        }
+        eject(&snap.tiers[0].backends[0], now);
+        assert_eq!(first(&snap, Balance::Maglev, 7, now), 2);
+        assert_eq!(first(&snap, Balance::P2c, 7, now), 2);
+    }
+
+    #[test]
+    fn all_ejected_picks_least_recently_failed() {
+        let p = pool(&[(1, 10, 1), (2, 10, 1)]);
+        let snap = p.snapshot();
+        let now = crate::health::now_ms();
+        eject(&snap.tiers[0].backends[1], now);
+        eject(&snap.tiers[0].backends[0], now + 5);
+        assert_eq!(first(&snap, Balance::Maglev, 1, now + 6), 2);
+    }
+
+    #[test]
+    fn client_key_ignores_port_unless_asked() {
+        let a: SocketAddr = "10.1.2.3:1000".parse().expect("addr");
+        let b: SocketAddr = "10.1.2.3:2000".parse().expect("addr");
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:1000".parse().expect("addr");
+        assert_eq!(
+            client_key(a, HashKey::ClientIp),
+            client_key(b, HashKey::ClientIp)
+        );
+        assert_eq!(
+            client_key(a, HashKey::ClientIp),
+            client_key(mapped, HashKey::ClientIp)
+        );
+        assert_ne!(
+            client_key(a, HashKey::ClientIpPort),
+            client_key(b, HashKey::ClientIpPort)
+        );
+    }
+}

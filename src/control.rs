@@ -1,0 +1,320 @@
+//! Runs the process: binds listeners and starts services from a `Config`, applies a new
+//! configuration on SIGHUP (bind new, swap, close removed; refuse a bad one as a whole),
+//! drains on SIGTERM/SIGINT, and keeps systemd informed through sd_notify. It owns the
+//! lifecycle; it never touches bytes or selection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::admin::{Admin, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::discovery::{DiscoveryError, build_resolver};
+use crate::proxy::listener::{ConnectionTracker, Listener, bind};
+use crate::service::Service;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Resolver(#[from] DiscoveryError),
+    #[error("cannot listen on {addr} (service \"{service}\"): {source}")]
+    Bind {
+        addr: SocketAddr,
+        service: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin listener on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Everything the running process owns.
+pub struct Server {
+    config: Config,
+    resolver: Arc<TokioResolver>,
+    services: HashMap<String, Arc<Service>>,
+    listeners: HashMap<SocketAddr, Listener>,
+    tracker: ConnectionTracker,
+    admin: Option<Admin>,
+    admin_state: Arc<AdminState>,
+}
+
+impl Server {
+    /// Binds every listener and starts every service. Fails, having changed nothing that
+    /// outlives it, when a listener cannot be bound.
+    pub async fn start(config: Config) -> Result<Server, ControlError> {
+        let resolver = Arc::new(build_resolver(&config.resolver)?);
+        let admin_state = Arc::new(AdminState::default());
+        let mut server = Server {
+            config: Config {
+                services: Vec::new(),
+                ..config.clone()
+            },
+            resolver,
+            services: HashMap::new(),
+            listeners: HashMap::new(),
+            tracker: ConnectionTracker::default(),
+            admin: None,
+            admin_state,
+        };
+        server.apply(config).await?;
+        Ok(server)
+    }
+
+    pub fn tracker(&self) -> &ConnectionTracker {
+        &self.tracker
+    }
+
+    /// The addresses actually bound (useful when a config asks for port 0).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.keys().copied().collect()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// A one-line summary for logs and systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        let backends: usize = self
+            .services
+            .values()
+            .map(|s| s.pool.snapshot().backend_count())
+            .sum();
+        format!(
+            "{} services, {} listeners, {} backends, {} connections",
+            self.services.len(),
+            self.listeners.len(),
+            backends,
+            self.tracker.open()
+        )
+    }
+
+    /// Applies `next` in place of the running configuration. Listeners are bound before
+    /// anything changes; if one cannot be bound, nothing changes at all.
+    pub async fn apply(&mut self, next: Config) -> Result<(), ControlError> {
+        // 1. Bind what is new. Failing here leaves the running state untouched.
+        let mut fresh = HashMap::new();
+        for service in &next.services {
+            for addr in &service.listen {
+                if self.listeners.contains_key(addr) || fresh.contains_key(addr) {
+                    continue;
+                }
+                let socket = bind(*addr).map_err(|source| ControlError::Bind {
+                    addr: *addr,
+                    service: service.name.clone(),
+                    source,
+                })?;
+                fresh.insert(*addr, socket);
+            }
+        }
+        let admin = match next.global.admin {
+            Some(addr) if self.admin.as_ref().map(|a| a.addr()) != Some(addr) => Some(
+                Admin::bind(addr, Arc::clone(&self.admin_state))
+                    .map_err(|source| ControlError::Admin { addr, source })?,
+            ),
+            _ => None,
+        };
+        let resolver_changed = next.resolver != self.config.resolver;
+        if resolver_changed {
+            self.resolver = Arc::new(build_resolver(&next.resolver)?);
+        }
+
+        // 2. Services: keep those whose discovery is unchanged (pool state survives).
+        let mut services = HashMap::new();
+        for cfg in &next.services {
+            let kept = self
+                .services
+                .get(&cfg.name)
+                .filter(|old| !resolver_changed && old.config().same_discovery(cfg));
+            let service = match kept {
+                Some(old) => {
+                    old.reconfigure(cfg.clone());
+                    Arc::clone(old)
+                }
+                None => Service::start(
+                    cfg.clone(),
+                    Arc::clone(&self.resolver),
+                    next.resolver.clone(),
+                ),
+            };
+            services.insert(cfg.name.clone(), service);
+        }
+
+        // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
+        let mut listeners = HashMap::new();
+        for cfg in &next.services {
+            let Some(service) = services.get(&cfg.name) else {
+                continue;
+            };
+            for addr in &cfg.listen {
+                let listener = match self.listeners.remove(addr) {
+                    Some(existing) => {
+                        existing.set_service(Arc::clone(service));
+                        existing
+                    }
+                    None => {
+                        let Some(socket) = fresh.remove(addr) else {
+                            continue;
+                        };
+                        let listener =
+                            Listener::start(socket, Arc::clone(service), self.tracker.clone())
+                                .map_err(|source| ControlError::Bind {
+                                    addr: *addr,
+                                    service: cfg.name.clone(),
+                                    source,
+                                })?;
+                        info!(service = %cfg.name, listen = %listener.addr, "listening");
+                        listener
+                    }
+                };
+                listeners.insert(listener.addr, listener);
+            }
+        }
+
+        // 4. Close what is gone; its connections drain on their own.
+        for (addr, old) in std::mem::replace(&mut self.listeners, listeners) {
+            info!(listen = %addr, service = %old.service().name, "listener removed");
+            old.close().await;
+        }
+        for (name, old) in std::mem::replace(&mut self.services, services) {
+            let replaced = self
+                .services
+                .get(&name)
+                .is_none_or(|new| !Arc::ptr_eq(new, &old));
+            if replaced {
+                old.retire();
+            }
+        }
+        if let Some(admin) = admin {
+            if let Some(old) = self.admin.take() {
+                old.close();
+            }
+            info!(admin = %admin.addr(), "admin endpoint listening");
+            self.admin = Some(admin);
+        } else if next.global.admin.is_none() {
+            if let Some(old) = self.admin.take() {
+                old.close();
+            }
+        }
+        self.admin_state
+            .set_services(self.services.values().cloned().collect());
+        self.config = next;
+        Ok(())
+    }
+
+    /// Stops accepting, waits up to `grace` for open connections, then returns.
+    pub async fn shutdown(mut self, grace: Duration) {
+        for (_, listener) in self.listeners.drain() {
+            listener.close().await;
+        }
+        for service in self.services.values() {
+            service.retire();
+        }
+        let open = self.tracker.open();
+        if open > 0 {
+            info!(connections = open, grace_secs = grace.as_secs(), "draining connections");
+            if tokio::time::timeout(grace, self.tracker.wait_idle())
+                .await
+                .is_err()
+            {
+                warn!(
+                    connections = self.tracker.open(),
+                    "shutdown grace elapsed; closing the remaining connections"
+                );
+            }
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.close();
+        }
+    }
+
+    pub fn reloads(&self) -> &AdminState {
+        &self.admin_state
+    }
+}
+
+/// Sends a state to systemd; a no-op when NOTIFY_SOCKET is unset.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Runs srvlb until SIGTERM or SIGINT: the body of `srvlb run`.
+pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlError> {
+    let mut hangup = signal(SignalKind::hangup()).map_err(ControlError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(ControlError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(ControlError::Signals)?;
+    let mut server = Server::start(config).await?;
+    info!(summary = %server.summary(), "srvlb ready");
+    let status = format!("ready: {}", server.summary());
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick = tokio::time::interval(
+        watchdog
+            .map(|d| d / 2)
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_millis(100)),
+    );
+    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
+
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&mut server, &config_path).await,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
+            _ = status_tick.tick() => {
+                let status = format!("{}; {}", server.summary(), server.reloads().last_reload());
+                notify(&[NotifyState::Status(&status)]);
+            }
+        }
+    }
+    let grace = server.config.global.shutdown_grace;
+    info!(connections = server.tracker().open(), "shutting down");
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: draining connections")]);
+    server.shutdown(grace).await;
+    info!("srvlb stopped");
+    Ok(())
+}
+
+/// One SIGHUP: read, validate, apply; on any error the running configuration stays.
+async fn reload(server: &mut Server, path: &Path) {
+    let mut states = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    notify(&states);
+    let result = match Config::load(path) {
+        Ok(next) => server.apply(next).await,
+        Err(e) => Err(ControlError::Config(e)),
+    };
+    let outcome = match result {
+        Ok(()) => {
+            info!(summary = %server.summary(), "configuration reloaded");
+            server.reloads().record_reload(true, "ok".to_owned());
+            format!("reloaded: {}", server.summary())
+        }
+        Err(e) => {
+            error!(error = %e, "reload refused; the previous configuration keeps serving");
+            server.reloads().record_reload(false, e.to_string());
+            format!("reload refused ({e}); {}", server.summary())
+        }
+    };
+    notify(&[NotifyState::Ready, NotifyState::Status(&outcome)]);
+}

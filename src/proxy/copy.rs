@@ -1,0 +1,199 @@
+//! Moves bytes both ways between a client and a backend until both sides are done, keeping
+//! TCP's meaning: a FIN becomes `shutdown(Write)` on the other leg while the other direction
+//! keeps flowing, a reset is passed on as a reset, and an idle connection is closed. Buffers
+//! are taken only while bytes are in flight, so an idle connection holds none.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::health::now_ms;
+
+/// Size of the buffer a direction borrows while it has bytes to move.
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// Which leg of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
+/// Why a proxied connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with a FIN.
+    Closed,
+    /// One side reset (or failed); the other was reset too.
+    Reset(Side, io::ErrorKind),
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+}
+
+impl End {
+    pub fn label(&self) -> String {
+        match self {
+            End::Closed => "closed".to_owned(),
+            End::Reset(side, kind) => format!("{}_reset({kind:?})", side.label()),
+            End::IdleTimeout => "idle_timeout".to_owned(),
+        }
+    }
+}
+
+/// What a finished transfer did.
+#[derive(Debug)]
+pub struct Transfer {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+    /// Which side sent the first FIN or reset, if any.
+    pub first_to_finish: Option<Side>,
+    pub end: End,
+}
+
+enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Proxies until both directions are done, one side resets, or nothing moves for `idle`.
+/// On a reset, both sockets are set to reset on close (SO_LINGER 0); the caller drops them.
+pub async fn proxy_streams(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    on_bytes: &(dyn Fn(Side, u64) + Sync),
+) -> Transfer {
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let last_activity = AtomicU64::new(now_ms());
+    let c2b = pump(client, backend, &up, &last_activity, Side::Client, on_bytes);
+    let b2c = pump(backend, client, &down, &last_activity, Side::Backend, on_bytes);
+    tokio::pin!(c2b, b2c);
+    let idle_expired = idle_watch(&last_activity, idle);
+    tokio::pin!(idle_expired);
+
+    let (mut c2b_done, mut b2c_done) = (false, false);
+    let mut first_to_finish = None;
+    let end = loop {
+        tokio::select! {
+            result = &mut c2b, if !c2b_done => match result {
+                Ok(()) => {
+                    c2b_done = true;
+                    first_to_finish.get_or_insert(Side::Client);
+                }
+                Err(PumpError::Read(e)) => break fail(Side::Client, e, &mut first_to_finish),
+                Err(PumpError::Write(e)) => break fail(Side::Backend, e, &mut first_to_finish),
+            },
+            result = &mut b2c, if !b2c_done => match result {
+                Ok(()) => {
+                    b2c_done = true;
+                    first_to_finish.get_or_insert(Side::Backend);
+                }
+                Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
+                Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
+            },
+            () = &mut idle_expired => break End::IdleTimeout,
+        }
+        if c2b_done && b2c_done {
+            break End::Closed;
+        }
+    };
+    if matches!(end, End::Reset(..)) {
+        reset_on_close(client);
+        reset_on_close(backend);
+    }
+    Transfer {
+        client_to_backend: up.load(Ordering::Relaxed),
+        backend_to_client: down.load(Ordering::Relaxed),
+        first_to_finish,
+        end,
+    }
+}
+
+fn fail(side: Side, e: io::Error, first: &mut Option<Side>) -> End {
+    first.get_or_insert(side);
+    End::Reset(side, e.kind())
+}
+
+/// Makes the kernel send RST instead of FIN when the socket is closed.
+pub fn reset_on_close(stream: &TcpStream) {
+    // Failing here only means the peer gets a FIN instead of a RST; nothing to recover.
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &AtomicU64,
+    last_activity: &AtomicU64,
+    side: Side,
+    on_bytes: &(dyn Fn(Side, u64) + Sync),
+) -> Result<(), PumpError> {
+    let mut buffer: Option<Box<[u8]>> = None;
+    loop {
+        from.readable().await.map_err(PumpError::Read)?;
+        let buf = buffer.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        match from.try_read(buf) {
+            Ok(0) => {
+                match SockRef::from(to).shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    // The other side is already gone; its own direction will report how.
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+                return Ok(());
+            }
+            Ok(n) => {
+                write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
+                let n = n as u64;
+                counter.fetch_add(n, Ordering::Relaxed);
+                on_bytes(side, n);
+                last_activity.store(now_ms(), Ordering::Relaxed);
+            }
+            // Drained: give the buffer back so an idle connection holds no memory.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PumpError::Read(e)),
+        }
+    }
+}
+
+/// Writes all of `data` to a stream shared by reference.
+pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn idle_watch(last_activity: &AtomicU64, idle: Duration) {
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let deadline = last_activity.load(Ordering::Relaxed).saturating_add(idle_ms);
+        let now = now_ms();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+    }
+}

@@ -1,0 +1,194 @@
+//! Listening sockets and their accept loops. A listener takes a connection permit before it
+//! accepts, so at `max_connections` clients wait in the kernel backlog instead of being reset,
+//! and accept errors such as EMFILE back off instead of spinning a core.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info};
+
+use super::{LogThrottle, serve_client};
+use crate::service::Service;
+
+/// Kernel accept queue length; the kernel caps it at net.core.somaxconn.
+const BACKLOG: i32 = 4096;
+
+/// Binds a listening socket the way a long-running proxy needs it: SO_REUSEADDR so a restart
+/// does not wait for TIME_WAIT, SO_REUSEPORT so several acceptors can share a port, and
+/// IPV6_V6ONLY on IPv6 so "0.0.0.0:P" and "[::]:P" can both be listed.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Counts open client connections across all listeners so shutdown can wait for them.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionTracker {
+    inner: Arc<TrackerInner>,
+}
+
+#[derive(Debug, Default)]
+struct TrackerInner {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a connection task; the count drops when it ends, however it ends.
+pub struct Tracked(Arc<TrackerInner>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl ConnectionTracker {
+    pub fn track(&self) -> Tracked {
+        self.inner.open.fetch_add(1, Ordering::AcqRel);
+        Tracked(Arc::clone(&self.inner))
+    }
+
+    pub fn open(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.inner.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A running accept loop. The service it feeds can be swapped on reload without touching
+/// the socket.
+#[derive(Debug)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    service: Arc<ArcSwap<Service>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Starts accepting on an already bound socket. Must run inside the tokio runtime.
+    pub fn start(
+        socket: std::net::TcpListener,
+        service: Arc<Service>,
+        tracker: ConnectionTracker,
+    ) -> io::Result<Listener> {
+        let addr = socket.local_addr()?;
+        let listener = TcpListener::from_std(socket)?;
+        let slot = Arc::new(ArcSwap::new(service));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&slot),
+            tracker,
+            stop_rx,
+        ));
+        Ok(Listener {
+            addr,
+            service: slot,
+            stop,
+            task,
+        })
+    }
+
+    pub fn service(&self) -> Arc<Service> {
+        self.service.load_full()
+    }
+
+    pub fn set_service(&self, service: Arc<Service>) {
+        self.service.store(service);
+    }
+
+    /// Stops accepting and closes the socket; open connections are not touched.
+    pub async fn close(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+static ACCEPT_ERROR_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+async fn accept_loop(
+    listener: TcpListener,
+    slot: Arc<ArcSwap<Service>>,
+    tracker: ConnectionTracker,
+    mut stop: watch::Receiver<bool>,
+) {
+    let addr = listener.local_addr().ok();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let service = slot.load_full();
+        let permit = tokio::select! {
+            permit = Arc::clone(service.limit()).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return, // the semaphore is never closed; nothing sensible to do
+            },
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                // The service may have been swapped by a reload while we waited.
+                let service = slot.load_full();
+                let tracked = tracker.track();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _tracked = tracked;
+                    serve_client(service, stream, peer).await;
+                });
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                if ACCEPT_ERROR_LOG.allow() {
+                    error!(listener = ?addr, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed: out of resources; backing off");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
+            // ECONNABORTED and friends: the client gave up before we accepted it.
+            Err(e) => debug!(listener = ?addr, error = %e, "accept error"),
+        }
+    }
+    info!(listener = ?addr, "listener closed");
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+        || e.kind() == io::ErrorKind::OutOfMemory
+}

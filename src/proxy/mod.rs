@@ -1,0 +1,287 @@
+//! The data path: listeners that accept clients, and the connection task that picks a
+//! backend, connects (retrying on another backend when a connect fails), writes the optional
+//! PROXY header, and moves bytes until either side is done. It reads service state; it never
+//! changes the pool's membership.
+
+pub mod copy;
+pub mod listener;
+pub mod proxy_protocol;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::balance::select::{Selector, client_key};
+use crate::config::ServiceConfig;
+use crate::health::{FailureVerdict, now_ms};
+use crate::pool::{Backend, Snapshot};
+use crate::service::Service;
+use copy::{End, Side, Transfer, proxy_streams, reset_on_close};
+
+/// Logs at most once per `interval`: for events that can repeat thousands of times a second
+/// (accept errors, a failing backend under load) without flooding the journal.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval_ms: u64,
+    last: AtomicU64,
+}
+
+impl LogThrottle {
+    pub const fn new(interval: Duration) -> LogThrottle {
+        LogThrottle {
+            interval_ms: interval.as_millis() as u64,
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// True when the caller should log now.
+    pub fn allow(&self) -> bool {
+        let now = now_ms();
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.interval_ms)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// True when `client` may use the service: not in `deny`, and in `allow` when it is set.
+pub fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
+    let ip = match client {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    if config.deny.iter().any(|net| net.contains(&ip)) {
+        return false;
+    }
+    config.allow.is_empty() || config.allow.iter().any(|net| net.contains(&ip))
+}
+
+/// Keeps a backend's active-connection count right however the task ends.
+struct ActiveGuard<'a>(&'a Backend);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(backend: &'a Backend) -> ActiveGuard<'a> {
+        backend.stats.active.fetch_add(1, Ordering::Relaxed);
+        backend.stats.connections.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(backend)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct ServiceActive<'a>(&'a Service);
+
+impl Drop for ServiceActive<'_> {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+static CONNECT_FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// Serves one accepted client from start to close.
+pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    service.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    service.stats.active.fetch_add(1, Ordering::Relaxed);
+    let _active = ServiceActive(&service);
+    let config = service.config();
+    if !client_allowed(&config, peer.ip()) {
+        service.stats.denied.fetch_add(1, Ordering::Relaxed);
+        debug!(service = %service.name, client = %peer, "client denied by allow/deny");
+        return;
+    }
+    let _ = client.set_nodelay(true);
+    let snapshot = service.pool.snapshot();
+    if snapshot.is_empty() {
+        service.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+        reset_on_close(&client);
+        info!(service = %service.name, client = %peer, reason = "no_backend", "connection closed");
+        return;
+    }
+    let (backend, stream, attempts) = match connect_any(&service, &config, &snapshot, peer).await {
+        Some(found) => found,
+        None => {
+            service.stats.connect_exhausted.fetch_add(1, Ordering::Relaxed);
+            reset_on_close(&client);
+            info!(
+                service = %service.name,
+                client = %peer,
+                reason = "all_backends_failed",
+                duration_ms = started.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+            return;
+        }
+    };
+    let _backend_active = ActiveGuard::new(&backend);
+    let transfer = match send_proxy_header(&config, &client, peer, &stream).await {
+        Ok(()) => {
+            let count = |side: Side, n: u64| match side {
+                Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
+                Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
+            };
+            let count = move |side, n| {
+                count(side, n);
+            };
+            proxy_streams(&client, &stream, config.idle_timeout, &count).await
+        }
+        Err(e) => {
+            reset_on_close(&client);
+            Transfer {
+                client_to_backend: 0,
+                backend_to_client: 0,
+                first_to_finish: Some(Side::Backend),
+                end: End::Reset(Side::Backend, e.kind()),
+            }
+        }
+    };
+    judge_backend(&service, &config, &snapshot, &backend, &transfer);
+    info!(
+        service = %service.name,
+        client = %peer,
+        backend = %backend.addr(),
+        target = %backend.key.target,
+        attempts,
+        bytes_in = transfer.client_to_backend,
+        bytes_out = transfer.backend_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason = %transfer.end.label(),
+        "connection closed"
+    );
+}
+
+/// A backend that closed or reset before a single byte moved either way failed; one that
+/// carried data succeeded. Anything else (the client left first) says nothing about it.
+fn judge_backend(
+    service: &Service,
+    config: &ServiceConfig,
+    snapshot: &Snapshot,
+    backend: &Arc<Backend>,
+    transfer: &Transfer,
+) {
+    let moved = transfer.client_to_backend + transfer.backend_to_client;
+    if moved > 0 {
+        backend.health.record_success();
+    } else if transfer.first_to_finish == Some(Side::Backend) {
+        record_failure(service, config, snapshot, backend, "closed before any data");
+    }
+}
+
+async fn send_proxy_header(
+    config: &ServiceConfig,
+    client: &TcpStream,
+    peer: SocketAddr,
+    backend: &TcpStream,
+) -> io::Result<()> {
+    let Some(version) = config.send_proxy else {
+        return Ok(());
+    };
+    let local = client.local_addr()?;
+    let header = proxy_protocol::header(version, peer, local);
+    copy::write_all(backend, &header).await
+}
+
+/// Walks the selector's candidates until one connects, at most `1 + connect_retries` times.
+async fn connect_any(
+    service: &Service,
+    config: &ServiceConfig,
+    snapshot: &Snapshot,
+    peer: SocketAddr,
+) -> Option<(Arc<Backend>, TcpStream, u32)> {
+    let key = client_key(peer, config.hash_key);
+    let mut selector = Selector::new(snapshot, config.balance, key, now_ms());
+    let mut attempts = 0u32;
+    while attempts <= config.connect_retries {
+        let backend = {
+            let mut rng = rand::rng();
+            selector.next_backend(&mut rng)?
+        };
+        attempts += 1;
+        if attempts > 1 {
+            service.stats.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        match connect(backend.addr(), config.connect_timeout).await {
+            Ok(stream) => return Some((backend, stream, attempts)),
+            Err(e) => {
+                backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                let why = if e.kind() == io::ErrorKind::TimedOut {
+                    "connect timeout".to_owned()
+                } else {
+                    format!("connect: {e}")
+                };
+                if CONNECT_FAILURE_LOG.allow() {
+                    warn!(service = %service.name, backend = %backend.addr(), client = %peer, attempt = attempts, error = %why, "backend connect failed; trying another");
+                }
+                record_failure(service, config, snapshot, &backend, &why);
+            }
+        }
+    }
+    None
+}
+
+fn record_failure(
+    service: &Service,
+    config: &ServiceConfig,
+    snapshot: &Snapshot,
+    backend: &Arc<Backend>,
+    why: &str,
+) {
+    let now = now_ms();
+    let policy = &config.health;
+    let verdict = backend.health.record_failure(now, policy, || {
+        snapshot
+            .tier_of(backend)
+            .is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
+    });
+    match verdict {
+        FailureVerdict::Ejected {
+            consecutive,
+            duration,
+            streak,
+        } => warn!(
+            service = %service.name,
+            backend = %backend.addr(),
+            target = %backend.key.target,
+            failures = consecutive,
+            ejection_ms = duration.as_millis() as u64,
+            streak,
+            reason = why,
+            "backend ejected"
+        ),
+        FailureVerdict::CapReached { consecutive } => debug!(
+            service = %service.name,
+            backend = %backend.addr(),
+            failures = consecutive,
+            "backend failing but max_ejected_percent reached; keeping it"
+        ),
+        FailureVerdict::Counted { .. } => {}
+    }
+}
+
+/// Connects with TCP_NODELAY within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let stream = tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
