@@ -1,0 +1,4 @@
+//! Helpers shared by the integration tests. Each test binary includes this with
+//! `mod support;` and uses only the modules it needs.
+
+pub mod dns;
