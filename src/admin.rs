@@ -142,20 +142,63 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A per-service metric: name, Prometheus type, help text, and how to read it.
+type ServiceMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Service) -> u64,
+);
+
 fn metrics(state: &AdminState) -> String {
     let services = state.services.load();
     let mut out = String::with_capacity(4096);
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let service_counters: [(&str, &str, &str, fn(&Service) -> u64); 7] = [
-        ("srvlb_service_connections_total", "counter", "Client connections accepted.", |s| s.stats.accepted.load(Ordering::Relaxed)),
-        ("srvlb_service_active_connections", "gauge", "Client connections open now.", |s| s.stats.active.load(Ordering::Relaxed)),
-        ("srvlb_service_denied_total", "counter", "Client connections refused by allow/deny.", |s| s.stats.denied.load(Ordering::Relaxed)),
-        ("srvlb_service_no_backend_total", "counter", "Client connections closed because the service had no backend.", |s| s.stats.no_backend.load(Ordering::Relaxed)),
-        ("srvlb_service_connect_exhausted_total", "counter", "Client connections closed because every attempted backend failed.", |s| s.stats.connect_exhausted.load(Ordering::Relaxed)),
-        ("srvlb_service_retries_total", "counter", "Connect attempts beyond the first.", |s| s.stats.retries.load(Ordering::Relaxed)),
-        ("srvlb_dns_stale", "gauge", "1 when the last DNS lookup failed and the last known backends are served.", |s| u64::from(s.discovery.stale.load(Ordering::Relaxed))),
+    let service_counters: [ServiceMetric; 7] = [
+        (
+            "srvlb_service_connections_total",
+            "counter",
+            "Client connections accepted.",
+            |s| s.stats.accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_active_connections",
+            "gauge",
+            "Client connections open now.",
+            |s| s.stats.active.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_denied_total",
+            "counter",
+            "Client connections refused by allow/deny.",
+            |s| s.stats.denied.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_no_backend_total",
+            "counter",
+            "Client connections closed because the service had no backend.",
+            |s| s.stats.no_backend.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_connect_exhausted_total",
+            "counter",
+            "Client connections closed because every attempted backend failed.",
+            |s| s.stats.connect_exhausted.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_retries_total",
+            "counter",
+            "Connect attempts beyond the first.",
+            |s| s.stats.retries.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_dns_stale",
+            "gauge",
+            "1 when the last DNS lookup failed and the last known backends are served.",
+            |s| u64::from(s.discovery.stale.load(Ordering::Relaxed)),
+        ),
     ];
     for (name, kind, help, read) in service_counters {
         family(&mut out, name, kind, help);
@@ -163,22 +206,70 @@ fn metrics(state: &AdminState) -> String {
             let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", label(&s.name), read(s));
         }
     }
-    family(&mut out, "srvlb_dns_refreshes_total", "counter", "Successful DNS lookups.");
+    family(
+        &mut out,
+        "srvlb_dns_refreshes_total",
+        "counter",
+        "Successful DNS lookups.",
+    );
     for s in services.iter() {
-        let _ = writeln!(out, "srvlb_dns_refreshes_total{{service=\"{}\"}} {}", label(&s.name), s.discovery.refreshes.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "srvlb_dns_refreshes_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.discovery.refreshes.load(Ordering::Relaxed)
+        );
     }
-    family(&mut out, "srvlb_dns_failures_total", "counter", "Failed DNS lookups (timeout, SERVFAIL, REFUSED, network).");
+    family(
+        &mut out,
+        "srvlb_dns_failures_total",
+        "counter",
+        "Failed DNS lookups (timeout, SERVFAIL, REFUSED, network).",
+    );
     for s in services.iter() {
-        let _ = writeln!(out, "srvlb_dns_failures_total{{service=\"{}\"}} {}", label(&s.name), s.discovery.failures.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "srvlb_dns_failures_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.discovery.failures.load(Ordering::Relaxed)
+        );
     }
     let backend_metrics: [(&str, &str, &str); 7] = [
-        ("srvlb_backend_active_connections", "gauge", "Connections open to the backend."),
-        ("srvlb_backend_connections_total", "counter", "Connections made to the backend."),
-        ("srvlb_backend_connect_failures_total", "counter", "Failed connects to the backend."),
-        ("srvlb_backend_ejections_total", "counter", "Times the backend was ejected."),
-        ("srvlb_backend_bytes_sent_total", "counter", "Bytes from clients to the backend."),
-        ("srvlb_backend_bytes_received_total", "counter", "Bytes from the backend to clients."),
-        ("srvlb_backend_up", "gauge", "1 when the backend takes new connections (active), else 0."),
+        (
+            "srvlb_backend_active_connections",
+            "gauge",
+            "Connections open to the backend.",
+        ),
+        (
+            "srvlb_backend_connections_total",
+            "counter",
+            "Connections made to the backend.",
+        ),
+        (
+            "srvlb_backend_connect_failures_total",
+            "counter",
+            "Failed connects to the backend.",
+        ),
+        (
+            "srvlb_backend_ejections_total",
+            "counter",
+            "Times the backend was ejected.",
+        ),
+        (
+            "srvlb_backend_bytes_sent_total",
+            "counter",
+            "Bytes from clients to the backend.",
+        ),
+        (
+            "srvlb_backend_bytes_received_total",
+            "counter",
+            "Bytes from the backend to clients.",
+        ),
+        (
+            "srvlb_backend_up",
+            "gauge",
+            "1 when the backend takes new connections (active), else 0.",
+        ),
     ];
     let mut rows: Vec<String> = vec![String::new(); backend_metrics.len()];
     for s in services.iter() {
@@ -208,9 +299,22 @@ fn metrics(state: &AdminState) -> String {
         family(&mut out, name, kind, help);
         out.push_str(&row);
     }
-    family(&mut out, "srvlb_reloads_total", "counter", "Configuration reloads by result.");
-    let _ = writeln!(out, "srvlb_reloads_total{{result=\"ok\"}} {}", state.reloads_ok.load(Ordering::Relaxed));
-    let _ = writeln!(out, "srvlb_reloads_total{{result=\"refused\"}} {}", state.reloads_failed.load(Ordering::Relaxed));
+    family(
+        &mut out,
+        "srvlb_reloads_total",
+        "counter",
+        "Configuration reloads by result.",
+    );
+    let _ = writeln!(
+        out,
+        "srvlb_reloads_total{{result=\"ok\"}} {}",
+        state.reloads_ok.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "srvlb_reloads_total{{result=\"refused\"}} {}",
+        state.reloads_failed.load(Ordering::Relaxed)
+    );
     out
 }
 
@@ -246,9 +350,12 @@ fn status_json(state: &AdminState) -> String {
                             v["reason"] = json!(format!("{failures} consecutive failures"));
                         }
                         BackendState::Draining { connections } => {
-                            v["reason"] = json!(format!("removed from DNS; {connections} connections open"));
+                            v["reason"] =
+                                json!(format!("removed from DNS; {connections} connections open"));
                         }
-                        BackendState::Standby => v["reason"] = json!("a preferred tier has usable backends"),
+                        BackendState::Standby => {
+                            v["reason"] = json!("a preferred tier has usable backends")
+                        }
                         BackendState::Active => {}
                     }
                     v

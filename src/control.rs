@@ -226,7 +226,11 @@ impl Server {
         }
         let open = self.tracker.open();
         if open > 0 {
-            info!(connections = open, grace_secs = grace.as_secs(), "draining connections");
+            info!(
+                connections = open,
+                grace_secs = grace.as_secs(),
+                "draining connections"
+            );
             if tokio::time::timeout(grace, self.tracker.wait_idle())
                 .await
                 .is_err()
@@ -287,7 +291,10 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
     }
     let grace = server.config.global.shutdown_grace;
     info!(connections = server.tracker().open(), "shutting down");
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: draining connections")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: draining connections"),
+    ]);
     server.shutdown(grace).await;
     info!("srvlb stopped");
     Ok(())

@@ -216,7 +216,8 @@ pub fn refresh_interval<R: Rng + ?Sized>(
     settings: &ResolverConfig,
     rng: &mut R,
 ) -> Duration {
-    let clamped = Duration::from_secs(u64::from(ttl)).clamp(settings.min_refresh, settings.max_refresh);
+    let clamped =
+        Duration::from_secs(u64::from(ttl)).clamp(settings.min_refresh, settings.max_refresh);
     let jittered = clamped.mul_f64(rng.random_range(0.9..=1.0));
     jittered.max(settings.min_refresh)
 }
@@ -326,7 +327,8 @@ impl Discovery {
                     warn!(service = %self.service, srv, reason = why, hold_secs = self.settings.empty_hold.as_secs(), "service absent from DNS; keeping the last backends during the hold");
                 }
                 let remaining = self.settings.empty_hold.saturating_sub(held);
-                refresh_interval(0, &self.settings, &mut rng).min(remaining.max(Duration::from_millis(50)))
+                refresh_interval(0, &self.settings, &mut rng)
+                    .min(remaining.max(Duration::from_millis(50)))
             }
             Answer::Failed(why) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
@@ -391,7 +393,9 @@ impl Discovery {
                 "backends changed"
             ),
             Ok(_) => {}
-            Err(e) => warn!(service = %self.service, error = %e, "cannot publish backends; keeping the previous set"),
+            Err(e) => {
+                warn!(service = %self.service, error = %e, "cannot publish backends; keeping the previous set")
+            }
         }
     }
 }
@@ -420,11 +424,17 @@ mod tests {
         let mut rng = rand::rng();
         for _ in 0..1000 {
             let d = refresh_interval(30, &s, &mut rng);
-            assert!(d >= Duration::from_secs(27) && d <= Duration::from_secs(30), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(27) && d <= Duration::from_secs(30),
+                "{d:?}"
+            );
             let low = refresh_interval(0, &s, &mut rng);
             assert_eq!(low, Duration::from_secs(1));
             let high = refresh_interval(86_400, &s, &mut rng);
-            assert!(high >= Duration::from_secs(54) && high <= Duration::from_secs(60), "{high:?}");
+            assert!(
+                high >= Duration::from_secs(54) && high <= Duration::from_secs(60),
+                "{high:?}"
+            );
         }
         let spread: std::collections::HashSet<u128> = (0..100)
             .map(|_| refresh_interval(30, &s, &mut rng).as_millis())

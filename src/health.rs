@@ -105,7 +105,12 @@ impl Health {
             return FailureVerdict::CapReached { consecutive };
         }
         let previous_end = self.ejected_until.load(Ordering::Relaxed);
-        let streak = next_streak(self.streak.load(Ordering::Relaxed), previous_end, now, policy);
+        let streak = next_streak(
+            self.streak.load(Ordering::Relaxed),
+            previous_end,
+            now,
+            policy,
+        );
         let duration = ejection_duration(policy, streak);
         let until = now.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
         // Two tasks may cross the threshold together; only the one that moves the deadline

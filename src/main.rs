@@ -12,7 +12,11 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_CONFIG: &str = "/etc/srvlb/config.toml";
 
 #[derive(Parser)]
-#[command(name = "srvlb", version, about = "Layer-4 TCP load balancer driven by DNS SRV records")]
+#[command(
+    name = "srvlb",
+    version,
+    about = "Layer-4 TCP load balancer driven by DNS SRV records"
+)]
 struct Cli {
     /// Configuration file (for the default `run` command).
     #[arg(long, short, global = true, value_name = "FILE")]
@@ -52,7 +56,10 @@ fn main() -> ExitCode {
 fn check(config: &Config, resolve: bool) -> ExitCode {
     print!("{}", config.plan());
     if resolve {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("cannot start the runtime: {e}");
@@ -110,7 +117,10 @@ async fn print_resolution(config: &Config) -> bool {
 
 fn run(path: PathBuf, config: Config) -> ExitCode {
     init_logging(config.global.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -131,7 +141,9 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("SRVLB_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

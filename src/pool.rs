@@ -97,9 +97,14 @@ impl Backend {
 pub enum BackendState {
     Active,
     /// Ejected by passive health checking until `until_ms` (on the `now_ms` clock).
-    Ejected { until_ms: u64, failures: u32 },
+    Ejected {
+        until_ms: u64,
+        failures: u32,
+    },
     /// Removed from discovery; `connections` still open.
-    Draining { connections: u64 },
+    Draining {
+        connections: u64,
+    },
     /// In a tier that is not in use because a preferred tier has usable backends.
     Standby,
 }
@@ -397,7 +402,10 @@ mod tests {
         let backend_a = Arc::clone(&first.tiers[0].backends[0]);
         backend_a.stats.connections.fetch_add(7, Ordering::Relaxed);
         let change = pool.update(&[b, a]).expect("update");
-        assert!(change.is_noop(), "reordered answer changed the pool: {change:?}");
+        assert!(
+            change.is_noop(),
+            "reordered answer changed the pool: {change:?}"
+        );
         let second = pool.snapshot();
         assert_eq!(first.generation, second.generation);
         assert!(Arc::ptr_eq(&second.tiers[0].backends[0], &backend_a));

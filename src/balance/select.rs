@@ -210,7 +210,11 @@ mod tests {
             let mut s = Selector::new(&snap, balance, 42, crate::health::now_ms());
             let mut seen = Vec::new();
             while let Some(b) = s.next_backend(&mut rng) {
-                assert!(!seen.contains(&b.addr()), "{balance:?} repeated {}", b.addr());
+                assert!(
+                    !seen.contains(&b.addr()),
+                    "{balance:?} repeated {}",
+                    b.addr()
+                );
                 seen.push(b.addr());
             }
             assert_eq!(seen.len(), 3);

@@ -80,7 +80,14 @@ pub async fn proxy_streams(
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
     let c2b = pump(client, backend, &up, &last_activity, Side::Client, on_bytes);
-    let b2c = pump(backend, client, &down, &last_activity, Side::Backend, on_bytes);
+    let b2c = pump(
+        backend,
+        client,
+        &down,
+        &last_activity,
+        Side::Backend,
+        on_bytes,
+    );
     tokio::pin!(c2b, b2c);
     let idle_expired = idle_watch(&last_activity, idle);
     tokio::pin!(idle_expired);
@@ -189,7 +196,9 @@ pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 async fn idle_watch(last_activity: &AtomicU64, idle: Duration) {
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let deadline = last_activity.load(Ordering::Relaxed).saturating_add(idle_ms);
+        let deadline = last_activity
+            .load(Ordering::Relaxed)
+            .saturating_add(idle_ms);
         let now = now_ms();
         if now >= deadline {
             return;

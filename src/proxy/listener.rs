@@ -106,12 +106,7 @@ impl Listener {
         let listener = TcpListener::from_std(socket)?;
         let slot = Arc::new(ArcSwap::new(service));
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(
-            listener,
-            Arc::clone(&slot),
-            tracker,
-            stop_rx,
-        ));
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&slot), tracker, stop_rx));
         Ok(Listener {
             addr,
             service: slot,
@@ -189,6 +184,5 @@ async fn accept_loop(
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
-        || e.kind() == io::ErrorKind::OutOfMemory
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
 }

@@ -116,7 +116,10 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
     let (backend, stream, attempts) = match connect_any(&service, &config, &snapshot, peer).await {
         Some(found) => found,
         None => {
-            service.stats.connect_exhausted.fetch_add(1, Ordering::Relaxed);
+            service
+                .stats
+                .connect_exhausted
+                .fetch_add(1, Ordering::Relaxed);
             reset_on_close(&client);
             info!(
                 service = %service.name,
@@ -218,7 +221,10 @@ async fn connect_any(
         match connect(backend.addr(), config.connect_timeout).await {
             Ok(stream) => return Some((backend, stream, attempts)),
             Err(e) => {
-                backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                backend
+                    .stats
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 let why = if e.kind() == io::ErrorKind::TimedOut {
                     "connect timeout".to_owned()
                 } else {

@@ -31,16 +31,12 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
 
 fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let line = match (client.ip(), local.ip()) {
-        (IpAddr::V4(c), IpAddr::V4(l)) => format!(
-            "PROXY TCP4 {c} {l} {} {}\r\n",
-            client.port(),
-            local.port()
-        ),
-        (IpAddr::V6(c), IpAddr::V6(l)) => format!(
-            "PROXY TCP6 {c} {l} {} {}\r\n",
-            client.port(),
-            local.port()
-        ),
+        (IpAddr::V4(c), IpAddr::V4(l)) => {
+            format!("PROXY TCP4 {c} {l} {} {}\r\n", client.port(), local.port())
+        }
+        (IpAddr::V6(c), IpAddr::V6(l)) => {
+            format!("PROXY TCP6 {c} {l} {} {}\r\n", client.port(), local.port())
+        }
         // Mixed families cannot be expressed in v1.
         _ => "PROXY UNKNOWN\r\n".to_owned(),
     };

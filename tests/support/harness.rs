@@ -171,6 +171,9 @@ pub enum Mode {
     Identify,
     /// Echoes everything until EOF, then closes (no greeting: byte-exact tests).
     Echo,
+    /// Reads until the client's FIN, then sends everything back and closes: works only if
+    /// the proxy passes a half-close on and keeps the other direction open.
+    ReplyAfterEof,
 }
 
 /// A TCP backend on 127.0.0.1 in a thread per connection. Stops (and its port refuses)
@@ -259,6 +262,15 @@ fn serve_one(mut stream: TcpStream, name: &str, mode: Mode, stop: &AtomicBool) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     if mode == Mode::Identify && stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    if mode == Mode::ReplyAfterEof {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut all = Vec::new();
+        if stream.read_to_end(&mut all).is_ok() {
+            let _ = stream.write_all(&all);
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
         return;
     }
     let mut buf = vec![0u8; 64 * 1024];
