@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ResolverConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::Service;
@@ -159,6 +159,20 @@ impl Server {
             };
             services.insert(cfg.name.clone(), service);
         }
+        // New services start with an empty pool. Give their first lookup a bounded moment
+        // before any listener feeds them: meanwhile clients of a kept address are served by
+        // the old service and clients of a new address wait in the backlog, instead of being
+        // reset for lack of backends. A dead DNS server delays the reload, never blocks it.
+        let deadline = tokio::time::Instant::now() + first_lookup_budget(&next.resolver);
+        for (name, service) in &services {
+            let started = !self
+                .services
+                .get(name)
+                .is_some_and(|old| Arc::ptr_eq(old, service));
+            if started && !service.first_lookup(deadline).await {
+                warn!(service = %name, "first DNS lookup still pending; serving without backends until it completes");
+            }
+        }
 
         // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
         let mut listeners = HashMap::new();
@@ -246,6 +260,15 @@ impl Server {
     pub fn reloads(&self) -> &AdminState {
         &self.admin_state
     }
+}
+
+/// How long a reload (or start) waits for new services' first lookups, all together: one
+/// SRV query plus the target address queries, each bounded by the resolver timeout.
+fn first_lookup_budget(resolver: &ResolverConfig) -> Duration {
+    resolver
+        .timeout
+        .saturating_mul(3)
+        .min(Duration::from_secs(10))
 }
 
 /// Sends a state to systemd; a no-op when NOTIFY_SOCKET is unset.

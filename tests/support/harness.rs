@@ -49,6 +49,14 @@ impl Srvlb {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Srvlb {
+        let srvlb = Self::spawn_with_env(config, env);
+        srvlb.wait_log("srvlb ready", Duration::from_secs(10));
+        srvlb
+    }
+
+    /// Spawns srvlb without waiting for it to be ready (for tests that watch startup itself,
+    /// e.g. through NOTIFY_SOCKET).
+    pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Srvlb {
         let dir = temp_dir("srvlb");
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -76,14 +84,12 @@ impl Srvlb {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let srvlb = Srvlb {
+        Srvlb {
             child,
             config_path,
             dir,
             log,
-        };
-        srvlb.wait_log("srvlb ready", Duration::from_secs(10));
-        srvlb
+        }
     }
 
     pub fn pid(&self) -> u32 {
