@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::harness::{Mode, Srvlb, TestBackend, eventually, free_port, temp_dir};
+use support::harness::{Mode, Srvlb, TestBackend, eventually, free_port, http_get, temp_dir};
 
 /// Generous: the machine is shared and may be heavily loaded.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -452,6 +452,77 @@ fn quick_successive_reloads_end_in_the_last_config() {
     assert!(serves(port));
     assert_eq!(srvlb.count_log(REFUSED), 0);
     println!("{ROUNDS} double-HUP rounds -> {seen} reloads applied");
+}
+
+/// The value of the backend metric `name` for `backend`, with its state label.
+fn backend_metric(admin: SocketAddr, name: &str, backend: SocketAddr) -> Option<(String, u64)> {
+    let body = http_get(admin, "/metrics");
+    let needle = format!("backend=\"{backend}\"");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&needle))
+        .find_map(|l| {
+            let state = l.split("state=\"").nth(1)?.split('"').next()?.to_owned();
+            let value = l.rsplit(' ').next()?.parse().ok()?;
+            Some((state, value))
+        })
+}
+
+#[test]
+fn pool_state_survives_a_reload_that_keeps_the_discovery_source() {
+    let live = TestBackend::start("live", Mode::Echo);
+    let dead = addr(free_port()); // nothing listens: connects are refused
+    let (port, admin_port) = (free_port(), free_port());
+    let admin = addr(admin_port);
+    let main = |balance: &str, failures: u32, statics: &str| {
+        format!(
+            "[global]\nadmin = \"{admin}\"\nshutdown_grace = \"5s\"\n\n[[service]]\n\
+             name = \"main\"\nlisten = [\"127.0.0.1:{port}\"]\nstatic = [{statics}]\n\
+             balance = \"{balance}\"\nhash_key = \"client_ip_port\"\nconnect_retries = 1\n\
+             [service.health]\nconsecutive_failures = {failures}\nbase_ejection = \"60s\"\n\
+             max_ejection = \"120s\"\nmax_ejected_percent = 50\n"
+        )
+    };
+    let both = format!("\"{}\", \"{dead}\"", live.addr);
+    let srvlb = Srvlb::start(&main("p2c", 1, &both));
+    // Drive traffic until the dead backend is ejected (retries keep clients whole).
+    let ejected = eventually(Duration::from_secs(15), || {
+        assert!(serves(port), "a retry must hide the dead backend");
+        backend_metric(admin, "srvlb_backend_up", dead).is_some_and(|(s, _)| s == "ejected")
+    });
+    assert!(ejected, "dead backend never ejected");
+    let (_, served) =
+        backend_metric(admin, "srvlb_backend_connections_total", live.addr).expect("live metric");
+    let (_, ejections) =
+        backend_metric(admin, "srvlb_backend_ejections_total", dead).expect("dead metric");
+    assert!(served > 0 && ejections > 0);
+
+    // Balance and health settings change, discovery does not: counters and ejection stay.
+    srvlb.write_config(&main("maglev", 2, &both));
+    srvlb.signal("HUP");
+    srvlb.wait_log(RELOADED, RELOAD_TIMEOUT);
+    assert_eq!(
+        backend_metric(admin, "srvlb_backend_up", dead).map(|(s, _)| s),
+        Some("ejected".to_owned())
+    );
+    assert_eq!(
+        backend_metric(admin, "srvlb_backend_ejections_total", dead).map(|(_, v)| v),
+        Some(ejections)
+    );
+    assert_eq!(
+        backend_metric(admin, "srvlb_backend_connections_total", live.addr).map(|(_, v)| v),
+        Some(served)
+    );
+
+    // The static list changes: a new pool, so the counters start again. (This is what the
+    // assertions above would have seen had the reload thrown the pool away.)
+    srvlb.write_config(&main("maglev", 2, &format!("\"{}\"", live.addr)));
+    srvlb.signal("HUP");
+    srvlb.wait_log_count(RELOADED, 2, RELOAD_TIMEOUT);
+    assert_eq!(
+        backend_metric(admin, "srvlb_backend_connections_total", live.addr).map(|(_, v)| v),
+        Some(0)
+    );
+    assert!(serves(port));
 }
 
 /// Collects notify datagrams until one satisfies `until` (bounded by `timeout`).

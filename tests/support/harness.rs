@@ -349,3 +349,23 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// GETs `path` from the admin endpoint at `addr` and returns the response body. Panics on
+/// any failure (a test helper); bounded by 10 s timeouts.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    match response.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_owned(),
+        None => panic!("malformed HTTP response: {response:?}"),
+    }
+}
