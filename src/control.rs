@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
+use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::Service;
 
@@ -273,8 +274,12 @@ fn first_lookup_budget(resolver: &ResolverConfig) -> Duration {
 
 /// Sends a state to systemd; a no-op when NOTIFY_SOCKET is unset.
 fn notify(states: &[NotifyState]) {
+    // A socket that went away would otherwise log on every watchdog tick.
+    static FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(60));
     if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, "sd_notify failed");
+        if FAILURE_LOG.allow() {
+            warn!(error = %e, "sd_notify failed");
+        }
     }
 }
 

@@ -405,6 +405,31 @@ fn a_listener_added_and_one_removed_change_nothing_else() {
 }
 
 #[test]
+fn an_allow_list_change_applies_to_new_connections_only() {
+    let b1 = TestBackend::start("b1", Mode::Echo);
+    let port = free_port();
+    let srvlb = Srvlb::start(&config(&[service("main", &[port], &[&b1], "")]));
+    let mut open = connect(port).expect("connect");
+    roundtrip(&mut open, b"before").expect("before");
+
+    // Only a network the test client is not in may connect now.
+    srvlb.write_config(&config(&[service(
+        "main",
+        &[port],
+        &[&b1],
+        "allow = [\"10.0.0.0/8\"]",
+    )]));
+    srvlb.signal("HUP");
+    srvlb.wait_log(RELOADED, RELOAD_TIMEOUT);
+    assert!(
+        !serves(port),
+        "a new connection from 127.0.0.1 is denied at once"
+    );
+    roundtrip(&mut open, b"after").expect("the open connection is not cut");
+    finish(open).expect("closes cleanly");
+}
+
+#[test]
 fn quick_successive_reloads_end_in_the_last_config() {
     let b1 = TestBackend::start("b1", Mode::Echo);
     let (port, p_x, p_y) = (free_port(), free_port(), free_port());
