@@ -15,9 +15,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ResolverConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
-use crate::proxy::listener::{ConnectionTracker, Listener, bind};
+use crate::proxy::LogThrottle;
+use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::Service;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +81,7 @@ impl Server {
 
     /// The addresses actually bound (useful when a config asks for port 0).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.keys().copied().collect()
+        self.listeners.values().map(|l| l.addr).collect()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
@@ -103,22 +104,27 @@ impl Server {
         )
     }
 
-    /// Applies `next` in place of the running configuration. Listeners are bound before
-    /// anything changes; if one cannot be bound, nothing changes at all.
+    /// Applies `next` in place of the running configuration, as a whole or not at all.
+    ///
+    /// Everything that can fail (binding new addresses, the admin listener, the resolver)
+    /// happens first, before anything running changes; after that the swap cannot fail.
+    /// Listeners whose address stays keep their socket and only switch service; new
+    /// listeners accept before removed ones stop, and connections of removed services run
+    /// on until they end.
     pub async fn apply(&mut self, next: Config) -> Result<(), ControlError> {
-        // 1. Bind what is new. Failing here leaves the running state untouched.
-        let mut fresh = HashMap::new();
+        // 1. Everything fallible. Failing here drops what was bound and changes nothing.
+        let mut fresh: HashMap<SocketAddr, Bound> = HashMap::new();
         for service in &next.services {
             for addr in &service.listen {
                 if self.listeners.contains_key(addr) || fresh.contains_key(addr) {
                     continue;
                 }
-                let socket = bind(*addr).map_err(|source| ControlError::Bind {
+                let bound = Bound::bind(*addr).map_err(|source| ControlError::Bind {
                     addr: *addr,
                     service: service.name.clone(),
                     source,
                 })?;
-                fresh.insert(*addr, socket);
+                fresh.insert(*addr, bound);
             }
         }
         let admin = match next.global.admin {
@@ -133,7 +139,8 @@ impl Server {
             self.resolver = Arc::new(build_resolver(&next.resolver)?);
         }
 
-        // 2. Services: keep those whose discovery is unchanged (pool state survives).
+        // 2. Services: keep those whose discovery is unchanged (pool state survives); the
+        //    new settings apply to the next connection they accept.
         let mut services = HashMap::new();
         for cfg in &next.services {
             let kept = self
@@ -153,6 +160,20 @@ impl Server {
             };
             services.insert(cfg.name.clone(), service);
         }
+        // New services start with an empty pool. Give their first lookup a bounded moment
+        // before any listener feeds them: meanwhile clients of a kept address are served by
+        // the old service and clients of a new address wait in the backlog, instead of being
+        // reset for lack of backends. A dead DNS server delays the reload, never blocks it.
+        let deadline = tokio::time::Instant::now() + first_lookup_budget(&next.resolver);
+        for (name, service) in &services {
+            let started = !self
+                .services
+                .get(name)
+                .is_some_and(|old| Arc::ptr_eq(old, service));
+            if started && !service.first_lookup(deadline).await {
+                warn!(service = %name, "first DNS lookup still pending; serving without backends until it completes");
+            }
+        }
 
         // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
         let mut listeners = HashMap::new();
@@ -161,31 +182,22 @@ impl Server {
                 continue;
             };
             for addr in &cfg.listen {
-                let listener = match self.listeners.remove(addr) {
-                    Some(existing) => {
-                        existing.set_service(Arc::clone(service));
-                        existing
-                    }
-                    None => {
-                        let Some(socket) = fresh.remove(addr) else {
-                            continue;
-                        };
-                        let listener =
-                            Listener::start(socket, Arc::clone(service), self.tracker.clone())
-                                .map_err(|source| ControlError::Bind {
-                                    addr: *addr,
-                                    service: cfg.name.clone(),
-                                    source,
-                                })?;
-                        info!(service = %cfg.name, listen = %listener.addr, "listening");
-                        listener
-                    }
+                let listener = if let Some(existing) = self.listeners.remove(addr) {
+                    existing.set_service(Arc::clone(service));
+                    existing
+                } else if let Some(bound) = fresh.remove(addr) {
+                    let listener =
+                        Listener::start(bound, Arc::clone(service), self.tracker.clone());
+                    info!(service = %cfg.name, listen = %listener.addr, "listening");
+                    listener
+                } else {
+                    continue; // unreachable: step 1 bound every address not already open
                 };
-                listeners.insert(listener.addr, listener);
+                listeners.insert(*addr, listener);
             }
         }
 
-        // 4. Close what is gone; its connections drain on their own.
+        // 4. Only now close what is gone; its connections drain on their own.
         for (addr, old) in std::mem::replace(&mut self.listeners, listeners) {
             info!(listen = %addr, service = %old.service().name, "listener removed");
             old.close().await;
@@ -251,22 +263,54 @@ impl Server {
     }
 }
 
+/// How long a reload (or start) waits for new services' first lookups, all together: one
+/// SRV query plus the target address queries, each bounded by the resolver timeout.
+fn first_lookup_budget(resolver: &ResolverConfig) -> Duration {
+    resolver
+        .timeout
+        .saturating_mul(3)
+        .min(Duration::from_secs(10))
+}
+
 /// Sends a state to systemd; a no-op when NOTIFY_SOCKET is unset.
 fn notify(states: &[NotifyState]) {
+    // A socket that went away would otherwise log on every watchdog tick.
+    static FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(60));
     if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, "sd_notify failed");
+        if FAILURE_LOG.allow() {
+            warn!(error = %e, "sd_notify failed");
+        }
     }
+}
+
+/// The STATUS= line: what runs and how the last reload went. One line, because the notify
+/// protocol is newline-separated and a multi-line error would be cut into bogus fields.
+fn status_line(server: &Server) -> String {
+    let line = format!("{}; {}", server.summary(), server.reloads().last_reload());
+    line.replace(['\n', '\r'], " ")
 }
 
 /// Runs srvlb until SIGTERM or SIGINT: the body of `srvlb run`.
 pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlError> {
+    // Installed before anything else: SIGHUP's default action would kill the process, and a
+    // HUP that arrives while starting is then delivered as a reload once the loop runs.
     let mut hangup = signal(SignalKind::hangup()).map_err(ControlError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(ControlError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ControlError::Signals)?;
-    let mut server = Server::start(config).await?;
+    let mut server = match Server::start(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            let status = format!("failed to start: {e}").replace(['\n', '\r'], " ");
+            notify(&[NotifyState::Status(&status)]);
+            return Err(e);
+        }
+    };
     info!(summary = %server.summary(), "srvlb ready");
-    let status = format!("ready: {}", server.summary());
-    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    // Server::start returned: every listener is bound and accepting.
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(&server)),
+    ]);
 
     let watchdog = sd_notify::watchdog_enabled();
     let mut watchdog_tick = tokio::time::interval(
@@ -277,16 +321,16 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
     );
     let mut status_tick = tokio::time::interval(Duration::from_secs(10));
 
+    // A reload runs inside this loop, so HUPs that arrive meanwhile are not lost: tokio keeps
+    // one pending notification for them and the next iteration reloads again, reading the file
+    // as it is then. Several pending HUPs coalesce into that one reload.
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(&mut server, &config_path).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
-            _ = status_tick.tick() => {
-                let status = format!("{}; {}", server.summary(), server.reloads().last_reload());
-                notify(&[NotifyState::Status(&status)]);
-            }
+            _ = status_tick.tick() => notify(&[NotifyState::Status(&status_line(&server))]),
         }
     }
     let grace = server.config.global.shutdown_grace;
@@ -303,25 +347,29 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
 /// One SIGHUP: read, validate, apply; on any error the running configuration stays.
 async fn reload(server: &mut Server, path: &Path) {
     let mut states = vec![NotifyState::Reloading];
-    if let Ok(now) = NotifyState::monotonic_usec_now() {
-        states.push(now);
+    // Type=notify-reload needs MONOTONIC_USEC with RELOADING=1 to match the reload it asked for.
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => states.push(now),
+        Err(e) => warn!(error = %e, "cannot read CLOCK_MONOTONIC for MONOTONIC_USEC"),
     }
     notify(&states);
     let result = match Config::load(path) {
         Ok(next) => server.apply(next).await,
         Err(e) => Err(ControlError::Config(e)),
     };
-    let outcome = match result {
+    match result {
         Ok(()) => {
             info!(summary = %server.summary(), "configuration reloaded");
             server.reloads().record_reload(true, "ok".to_owned());
-            format!("reloaded: {}", server.summary())
         }
         Err(e) => {
+            // `error` is exactly what `srvlb check` prints for the same file.
             error!(error = %e, "reload refused; the previous configuration keeps serving");
             server.reloads().record_reload(false, e.to_string());
-            format!("reload refused ({e}); {}", server.summary())
         }
-    };
-    notify(&[NotifyState::Ready, NotifyState::Status(&outcome)]);
+    }
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(server)),
+    ]);
 }

@@ -3,11 +3,13 @@
 //! it; control creates, updates and retires it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
+use parking_lot::Mutex;
 use tokio::sync::{Semaphore, watch};
+use tracing::debug;
 
 use crate::balance::MaglevTable;
 use crate::config::{ResolverConfig, ServiceConfig};
@@ -38,8 +40,7 @@ pub struct Service {
     pub stats: ServiceStats,
     /// One permit per open connection; listeners take a permit before accepting, so at the
     /// limit clients wait in the backlog instead of being reset.
-    limit: Arc<Semaphore>,
-    limit_size: AtomicUsize,
+    limit: ConnectionLimit,
     stop_discovery: watch::Sender<bool>,
 }
 
@@ -61,15 +62,14 @@ impl Service {
             Arc::clone(&status),
         );
         tokio::spawn(discovery.run(stop_rx));
-        let limit_size = config.max_connections;
+        let limit = ConnectionLimit::new(config.max_connections);
         Arc::new(Service {
             name: config.name.clone(),
             config: ArcSwap::from_pointee(config),
             pool,
             discovery: status,
             stats: ServiceStats::default(),
-            limit: Arc::new(Semaphore::new(limit_size)),
-            limit_size: AtomicUsize::new(limit_size),
+            limit,
             stop_discovery: stop_tx,
         })
     }
@@ -79,22 +79,41 @@ impl Service {
     }
 
     pub fn limit(&self) -> &Arc<Semaphore> {
-        &self.limit
+        &self.limit.semaphore
     }
 
     /// Applies a new configuration whose discovery source is unchanged: balance, timeouts,
     /// health policy, lists and the connection limit take effect for new connections.
     pub fn reconfigure(&self, config: ServiceConfig) {
-        let new_size = config.max_connections;
-        let old_size = self.limit_size.swap(new_size, Ordering::Relaxed);
-        if new_size > old_size {
-            self.limit.add_permits(new_size - old_size);
-        } else if new_size < old_size {
-            // Permits held by open connections come back later; forget what is free now and
-            // keep the rest of the difference owed by letting the connections drain.
-            self.limit.forget_permits(old_size - new_size);
-        }
+        self.limit.resize(&self.name, config.max_connections);
         self.config.store(Arc::new(config));
+    }
+
+    /// Waits (until `deadline` at the latest) for discovery's first answer to reach the pool,
+    /// so a listener handed to this service does not reset clients for want of backends that
+    /// are merely not looked up yet. True when the first lookup is done.
+    pub async fn first_lookup(&self, deadline: tokio::time::Instant) -> bool {
+        const POLL: std::time::Duration = std::time::Duration::from_millis(10);
+        let mut done_seen = false;
+        loop {
+            if !self.pool.snapshot().is_empty() {
+                return true;
+            }
+            // The lookup counters move just before the answer is published; seeing them on
+            // two polls in a row means the publish (no await in between) has happened too,
+            // and the answer really was empty or failed.
+            let done = self.discovery.refreshes.load(Ordering::Relaxed)
+                + self.discovery.failures.load(Ordering::Relaxed)
+                > 0;
+            if done && done_seen {
+                return true;
+            }
+            done_seen = done;
+            if tokio::time::Instant::now() + POLL > deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// Stops discovery; the pool keeps serving open connections until they end.
@@ -103,8 +122,143 @@ impl Service {
     }
 }
 
+/// A semaphore whose size can change while permits are out.
+///
+/// Raising the size adds permits. Lowering it forgets the free permits, and the rest of the
+/// difference becomes a debt: a task queues for that many permits and forgets them as open
+/// connections return them. tokio's semaphore is fair, so acceptors queued after the debt wait
+/// until the count is under the new limit (an acceptor already waiting when the limit dropped
+/// may still take one permit first). The total always converges to the last size set,
+/// whatever order raises, lowerings and returns happen in: a raise while a debt is unpaid
+/// simply pays it sooner.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    semaphore: Arc<Semaphore>,
+    size: Mutex<usize>,
+}
+
+impl ConnectionLimit {
+    /// A size beyond this is treated as this: it is unlimited in practice, and it keeps every
+    /// amount within what `Semaphore` (which panics above `MAX_PERMITS`) and `acquire_many`
+    /// (u32) accept.
+    pub const MAX: usize = if Semaphore::MAX_PERMITS < u32::MAX as usize {
+        Semaphore::MAX_PERMITS
+    } else {
+        u32::MAX as usize
+    };
+
+    pub fn new(size: usize) -> ConnectionLimit {
+        let size = size.min(Self::MAX);
+        ConnectionLimit {
+            semaphore: Arc::new(Semaphore::new(size)),
+            size: Mutex::new(size),
+        }
+    }
+
+    pub fn semaphore(&self) -> &Arc<Semaphore> {
+        &self.semaphore
+    }
+
+    /// Sets the number of permits to `new_size`; see the type's documentation. Must run
+    /// inside the tokio runtime when lowering below the permits in use.
+    pub fn resize(&self, service: &str, new_size: usize) {
+        let new_size = new_size.min(Self::MAX);
+        let mut size = self.size.lock();
+        let old_size = std::mem::replace(&mut *size, new_size);
+        if new_size > old_size {
+            self.semaphore.add_permits(new_size - old_size);
+            return;
+        }
+        let lower_by = old_size - new_size;
+        let forgotten = self.semaphore.forget_permits(lower_by);
+        let Ok(owed) = u32::try_from(lower_by - forgotten) else {
+            return; // unreachable: sizes are capped at MAX <= u32::MAX
+        };
+        if owed == 0 {
+            return;
+        }
+        debug!(
+            service,
+            owed, "connection limit lowered below open connections; waiting for them to close"
+        );
+        let semaphore = Arc::clone(&self.semaphore);
+        tokio::spawn(async move {
+            // Err only if the semaphore were closed, which nothing does.
+            if let Ok(permits) = semaphore.acquire_many_owned(owed).await {
+                permits.forget();
+            }
+        });
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.stop_discovery.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Lets the debt task run (it only needs to be polled once after each release).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    #[tokio::test]
+    async fn lowering_below_open_connections_is_exact() {
+        let limit = ConnectionLimit::new(4);
+        let sem = Arc::clone(limit.semaphore());
+        let mut held: Vec<_> = (0..3)
+            .map(|_| Arc::clone(&sem).try_acquire_owned().expect("permit"))
+            .collect();
+        // 3 of 4 in use; lower to 1: one free permit is forgotten, two are owed.
+        limit.resize("t", 1);
+        settle().await;
+        assert_eq!(sem.available_permits(), 0);
+        held.pop();
+        settle().await;
+        assert_eq!(
+            sem.available_permits(),
+            0,
+            "a returned permit pays the debt"
+        );
+        held.pop();
+        settle().await;
+        assert_eq!(sem.available_permits(), 0, "debt of two is paid only now");
+        held.pop();
+        settle().await;
+        assert_eq!(sem.available_permits(), 1, "exactly the new limit is left");
+    }
+
+    #[tokio::test]
+    async fn raising_while_a_debt_is_unpaid_converges_to_the_last_size() {
+        let limit = ConnectionLimit::new(4);
+        let sem = Arc::clone(limit.semaphore());
+        let held: Vec<_> = (0..4)
+            .map(|_| Arc::clone(&sem).try_acquire_owned().expect("permit"))
+            .collect();
+        limit.resize("t", 2); // owes 2
+        limit.resize("t", 6); // adds 4: 2 pay the debt, 2 are free
+        settle().await;
+        assert_eq!(sem.available_permits(), 2);
+        drop(held);
+        settle().await;
+        assert_eq!(sem.available_permits(), 6);
+    }
+
+    #[tokio::test]
+    async fn absurd_sizes_are_capped_instead_of_panicking() {
+        let limit = ConnectionLimit::new(usize::MAX);
+        assert_eq!(limit.semaphore().available_permits(), ConnectionLimit::MAX);
+        limit.resize("t", 10);
+        assert_eq!(limit.semaphore().available_permits(), 10);
+        limit.resize("t", usize::MAX);
+        assert_eq!(limit.semaphore().available_permits(), ConnectionLimit::MAX);
     }
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,6 +25,12 @@ const BACKLOG: i32 = 4096;
 /// Binds a listening socket the way a long-running proxy needs it: SO_REUSEADDR so a restart
 /// does not wait for TIME_WAIT, SO_REUSEPORT so several acceptors can share a port, and
 /// IPV6_V6ONLY on IPv6 so "0.0.0.0:P" and "[::]:P" can both be listed.
+///
+/// SO_REUSEPORT only lets a bind succeed next to sockets that also set it and belong to the
+/// same user, so a reload still fails on a port held by any other program. It is what lets a
+/// reload replace "0.0.0.0:P" by "127.0.0.1:P" without a gap (the new socket is bound while the
+/// old one still listens). The price: a second srvlb started by mistake under the same user
+/// shares the port silently instead of failing.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -95,24 +102,42 @@ pub struct Listener {
     task: JoinHandle<()>,
 }
 
-impl Listener {
-    /// Starts accepting on an already bound socket. Must run inside the tokio runtime.
-    pub fn start(
-        socket: std::net::TcpListener,
-        service: Arc<Service>,
-        tracker: ConnectionTracker,
-    ) -> io::Result<Listener> {
+/// A socket bound and registered with the runtime but not yet accepting. Everything that can
+/// fail happens before this exists, so a reload can bind all its new addresses first and then
+/// start them without a step that could fail half-way.
+#[derive(Debug)]
+pub struct Bound {
+    pub addr: SocketAddr,
+    listener: TcpListener,
+}
+
+impl Bound {
+    /// Binds `addr` (see [`bind`]). Must run inside the tokio runtime.
+    pub fn bind(addr: SocketAddr) -> io::Result<Bound> {
+        let socket = bind(addr)?;
         let addr = socket.local_addr()?;
         let listener = TcpListener::from_std(socket)?;
+        Ok(Bound { addr, listener })
+    }
+}
+
+impl Listener {
+    /// Starts accepting on a bound socket. Must run inside the tokio runtime.
+    pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {
         let slot = Arc::new(ArcSwap::new(service));
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, Arc::clone(&slot), tracker, stop_rx));
-        Ok(Listener {
-            addr,
+        let task = tokio::spawn(accept_loop(
+            bound.listener,
+            Arc::clone(&slot),
+            tracker,
+            stop_rx,
+        ));
+        Listener {
+            addr: bound.addr,
             service: slot,
             stop,
             task,
-        })
+        }
     }
 
     pub fn service(&self) -> Arc<Service> {
@@ -179,7 +204,44 @@ async fn accept_loop(
             Err(e) => debug!(listener = ?addr, error = %e, "accept error"),
         }
     }
-    info!(listener = ?addr, "listener closed");
+    let drained = drain_backlog(&listener, &slot, &tracker);
+    info!(listener = ?addr, drained, "listener closed");
+}
+
+/// Serves the connections the kernel has already completed in the backlog: closing the socket
+/// would reset them although they arrived while the listener was still configured. Stops at
+/// the first empty poll, at the connection limit, or after one backlog's worth.
+fn drain_backlog(
+    listener: &TcpListener,
+    slot: &ArcSwap<Service>,
+    tracker: &ConnectionTracker,
+) -> usize {
+    let service = slot.load_full();
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut drained = 0;
+    for _ in 0..BACKLOG {
+        let Ok(permit) = Arc::clone(service.limit()).try_acquire_owned() else {
+            break;
+        };
+        let (stream, peer) = match listener.poll_accept(&mut cx) {
+            Poll::Ready(Ok(accepted)) => accepted,
+            Poll::Ready(Err(e)) => {
+                debug!(error = %e, "accept error while draining the backlog");
+                continue;
+            }
+            Poll::Pending => break,
+        };
+        drained += 1;
+        let service = Arc::clone(&service);
+        let tracked = tracker.track();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _tracked = tracked;
+            serve_client(service, stream, peer).await;
+        });
+    }
+    drained
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

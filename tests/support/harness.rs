@@ -49,6 +49,14 @@ impl Srvlb {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Srvlb {
+        let srvlb = Self::spawn_with_env(config, env);
+        srvlb.wait_log("srvlb ready", Duration::from_secs(10));
+        srvlb
+    }
+
+    /// Spawns srvlb without waiting for it to be ready (for tests that watch startup itself,
+    /// e.g. through NOTIFY_SOCKET).
+    pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Srvlb {
         let dir = temp_dir("srvlb");
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -76,14 +84,12 @@ impl Srvlb {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let srvlb = Srvlb {
+        Srvlb {
             child,
             config_path,
             dir,
             log,
-        };
-        srvlb.wait_log("srvlb ready", Duration::from_secs(10));
-        srvlb
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -341,5 +347,25 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// GETs `path` from the admin endpoint at `addr` and returns the response body. Panics on
+/// any failure (a test helper); bounded by 10 s timeouts.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    match response.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_owned(),
+        None => panic!("malformed HTTP response: {response:?}"),
     }
 }
