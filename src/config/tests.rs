@@ -583,6 +583,11 @@ fn numeric_limits() {
         e,
         "t.toml:5:19: service \"pg\": max_connections must be at least 1, not 0"
     );
+    let e = err(&format!("{SERVICE}max_connections = 5000000000\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:19: service \"pg\": max_connections 5000000000 is too large"
+    );
     let e = err(&format!("{SERVICE}connect_retries = -1\n"));
     assert_eq!(
         e,

@@ -310,13 +310,15 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
     // Zero would close every connection at once; there is no "disabled" meaning to give it.
     nonzero(idle_timeout, raw.idle_timeout.as_ref(), p, "idle_timeout")?;
     let connect_retries = integer(raw.connect_retries.as_ref(), 2, 0, p, "connect_retries")?;
-    let max_connections = integer(
+    // u32 bounds the limit to what the connection semaphore can hold.
+    let max_connections: u32 = integer(
         raw.max_connections.as_ref(),
         10_000,
         1,
         p,
         "max_connections",
     )?;
+    let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
     let allow = networks(raw.allow.as_deref(), p, "allow")?;
     let deny = networks(raw.deny.as_deref(), p, "deny")?;
     let send_proxy = match &raw.send_proxy {
