@@ -6,6 +6,7 @@
 pub mod copy;
 pub mod listener;
 pub mod proxy_protocol;
+pub mod splice;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

@@ -1,0 +1,246 @@
+//! Zero-copy forwarding on Linux: bytes go socket -> pipe -> socket with splice(2) and never
+//! enter user space. A direction borrows a pipe from a small pool only while bytes are in
+//! flight, so an idle connection holds neither a buffer nor a pipe. Where splice is refused
+//! (EINVAL/ENOSYS: not Linux, or an exotic socket) the caller falls back to a userspace copy.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes moved per splice call. A pipe holds 64 KiB by default (16 pages); asking for more
+/// than that per call gains nothing.
+const CHUNK: usize = 64 * 1024;
+
+/// Idle pipes kept for reuse. A pipe costs two file descriptors; more than this and a burst
+/// would leave descriptors parked long after it ended.
+pub const POOL_MAX: usize = 32;
+
+/// A pipe's two ends.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        Ok(Pipe { read, write })
+    }
+}
+
+/// Empty pipes ready for the next burst. The lock is held for a push or a pop only.
+#[derive(Debug, Default)]
+pub struct PipePool {
+    idle: Mutex<Vec<Pipe>>,
+    created: AtomicU64,
+}
+
+impl PipePool {
+    pub const fn new() -> PipePool {
+        PipePool {
+            idle: Mutex::new(Vec::new()),
+            created: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self) -> io::Result<Pipe> {
+        if let Some(pipe) = self.idle.lock().pop() {
+            return Ok(pipe);
+        }
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Pipe::new()
+    }
+
+    /// Returns an EMPTY pipe. A pipe that still holds bytes must be dropped instead, or the
+    /// next connection would receive them.
+    fn give(&self, pipe: Pipe) {
+        let mut idle = self.idle.lock();
+        if idle.len() < POOL_MAX {
+            idle.push(pipe);
+        }
+    }
+
+    /// Pipes parked in the pool now (each holds two file descriptors).
+    pub fn idle(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    /// Pipes ever created.
+    pub fn created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+}
+
+/// The process-wide pipe pool.
+pub static PIPES: PipePool = PipePool::new();
+
+/// How one spliced direction ended.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// The source sent FIN; nothing is left in flight.
+    Eof,
+    /// Reading from the source failed.
+    Read(io::Error),
+    /// Writing to the destination failed.
+    Write(io::Error),
+    /// The kernel refused splice for these sockets before any byte moved: copy instead.
+    Unsupported,
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    // EINVAL 22: splice not supported for this fd pair; ENOSYS 38: no splice at all.
+    matches!(e.raw_os_error(), Some(22 | 38))
+}
+
+/// Moves bytes from `from` to `to` until `from` sends FIN or either side fails. `moved` is
+/// called with each chunk's size after it reached `to`.
+pub async fn splice_direction(
+    from: &TcpStream,
+    to: &TcpStream,
+    pool: &PipePool,
+    moved: &mut (dyn FnMut(u64) + Send),
+) -> SpliceEnd {
+    let mut total: u64 = 0;
+    loop {
+        if let Err(e) = from.readable().await {
+            return SpliceEnd::Read(e);
+        }
+        let pipe = match pool.take() {
+            Ok(pipe) => pipe,
+            // Out of descriptors: report it as a read failure of this direction.
+            Err(e) => return SpliceEnd::Read(e),
+        };
+        let filled = from.try_io(Interest::READABLE, || {
+            splice(
+                from,
+                None,
+                &pipe.write,
+                None,
+                CHUNK,
+                SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+            )
+            .map_err(io::Error::from)
+        });
+        let mut in_pipe = match filled {
+            Ok(0) => {
+                pool.give(pipe);
+                return SpliceEnd::Eof;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Spurious wake-up: nothing to read after all; the pipe is still empty.
+                pool.give(pipe);
+                continue;
+            }
+            Err(e) if total == 0 && unsupported(&e) => {
+                pool.give(pipe);
+                return SpliceEnd::Unsupported;
+            }
+            Err(e) => {
+                pool.give(pipe);
+                return SpliceEnd::Read(e);
+            }
+        };
+        let chunk = in_pipe as u64;
+        while in_pipe > 0 {
+            if let Err(e) = to.writable().await {
+                // The pipe still holds bytes: drop it rather than pool it.
+                return SpliceEnd::Write(e);
+            }
+            let drained = to.try_io(Interest::WRITABLE, || {
+                splice(
+                    &pipe.read,
+                    None,
+                    to,
+                    None,
+                    in_pipe,
+                    SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+                )
+                .map_err(io::Error::from)
+            });
+            match drained {
+                Ok(n) => in_pipe -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return SpliceEnd::Write(e),
+            }
+        }
+        pool.give(pipe);
+        total += chunk;
+        moved(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn splices_every_byte_in_order_and_reports_eof() {
+        // client -> (a_far, a_near) -> splice -> (b_near, b_far) -> reader
+        let (mut client, a_near) = pair().await;
+        let (b_near, mut reader) = pair().await;
+        let pool = PipePool::new();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&data).await.expect("write");
+            client.shutdown().await.expect("fin");
+        });
+        let mut counted = 0u64;
+        let read_all = async {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.expect("read");
+            got
+        };
+        let splice_then_fin = async {
+            let end = splice_direction(&a_near, &b_near, &pool, &mut |n| counted += n).await;
+            socket2::SockRef::from(&b_near)
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            end
+        };
+        let (end, got) = tokio::join!(splice_then_fin, read_all);
+        writer.await.expect("writer");
+        assert!(matches!(end, SpliceEnd::Eof), "{end:?}");
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes differ");
+        assert_eq!(counted, expected.len() as u64);
+        assert!(pool.idle() >= 1, "the pipe went back to the pool");
+        assert!(
+            pool.created() <= 2,
+            "a pipe per chunk was created: {}",
+            pool.created()
+        );
+    }
+
+    #[tokio::test]
+    async fn reset_source_is_a_read_error() {
+        let (client, a_near) = pair().await;
+        let (b_near, _reader) = pair().await;
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .expect("linger");
+        drop(client);
+        let pool = PipePool::new();
+        let end = splice_direction(&a_near, &b_near, &pool, &mut |_| {}).await;
+        assert!(
+            matches!(&end, SpliceEnd::Read(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{end:?}"
+        );
+    }
+}
