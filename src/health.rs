@@ -184,17 +184,20 @@ impl Health {
     }
 }
 
-/// The backoff exponent of a new ejection. Each `base_ejection` of healthy time since the
-/// previous ejection ended forgives one step, so a backend that flaps keeps growing its
-/// ejection while one that failed once long ago starts again from `base_ejection`.
+/// The backoff exponent of a new ejection. Each `max_ejection` of healthy time since the
+/// previous ejection ended forgives one step, so a backend that flaps (healthy for less than
+/// the longest ejection between failures) keeps growing its ejection up to the cap, while one
+/// that failed once long ago starts again from `base_ejection`. Forgiving per
+/// `base_ejection` instead would never grow: a backend up for one base period between
+/// failures would be forgiven exactly the step its last ejection added.
 fn next_streak(streak: u32, previous_end: u64, now: u64, policy: &HealthConfig) -> u32 {
     if previous_end == 0 {
         return 1;
     }
-    let base_ms = u64::try_from(policy.base_ejection.as_millis())
+    let unit_ms = u64::try_from(policy.max_ejection.max(policy.base_ejection).as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let healthy_steps = now.saturating_sub(previous_end) / base_ms;
+    let healthy_steps = now.saturating_sub(previous_end) / unit_ms;
     let forgiven = u32::try_from(healthy_steps).unwrap_or(u32::MAX);
     streak.saturating_sub(forgiven).saturating_add(1)
 }
@@ -304,7 +307,7 @@ mod tests {
         }
         let end2 = h.ejected_until(end).expect("ejected again");
         assert_eq!(end2 - end, 20_000);
-        // Healthy for far longer than base_ejection * streak: back to the base duration.
+        // Healthy for two max_ejection periods: both steps forgiven, back to the base.
         let later = end2 + 600_000;
         assert!(h.record_success(end2, end2 + 1).is_some());
         for _ in 0..3 {
@@ -386,5 +389,29 @@ mod tests {
             Some(20_000),
             "a repeat ejection right after re-admission must double"
         );
+    }
+
+    #[test]
+    fn a_flapping_backend_keeps_growing_until_healthy_for_max_ejection() {
+        let h = Health::default();
+        let p = policy(); // base 10 s, max 300 s
+        eject_at(&h, &p, 0);
+        let mut expected = 10_000;
+        let mut now = 0;
+        for _ in 0..4 {
+            let end = h.ejected_until(now).expect("ejected");
+            // Back for a while (less than max_ejection), carries data, then fails again.
+            h.record_success(end, end + 1);
+            now = end + 60_000;
+            eject_at(&h, &p, now);
+            expected *= 2;
+            assert_eq!(h.ejected_until(now).map(|u| u - now), Some(expected));
+        }
+        // One max_ejection of health forgives one step only.
+        let end = h.ejected_until(now).expect("ejected");
+        h.record_success(end, end + 1);
+        now = end + 300_000;
+        eject_at(&h, &p, now);
+        assert_eq!(h.ejected_until(now).map(|u| u - now), Some(expected));
     }
 }
