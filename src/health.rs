@@ -116,8 +116,21 @@ impl Health {
         if connected_at < ejected_at {
             return None;
         }
+        let readmitting = self.readmission_pending.swap(false, Ordering::AcqRel);
+        let ejected_at = if readmitting {
+            // An ejection may have been published between the first read and the swap (the
+            // flag is stored after `ejected_at`, so this read is fresh): re-check the evidence.
+            let fresh = self.ejected_at.load(Ordering::Acquire);
+            if connected_at < fresh {
+                self.readmission_pending.store(true, Ordering::Release);
+                return None;
+            }
+            fresh
+        } else {
+            ejected_at
+        };
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        if !self.readmission_pending.swap(false, Ordering::AcqRel) {
+        if !readmitting {
             return None;
         }
         let until = self.ejected_until.load(Ordering::Acquire);
