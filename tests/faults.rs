@@ -57,11 +57,24 @@ static = [{statics}]
 {health}
 "#
         );
-        Lb {
+        let lb = Lb {
             srvlb: Srvlb::start(&config),
             listen,
             admin,
-        }
+        };
+        // "srvlb ready" means the listeners are bound; the discovery task fills the pool
+        // right after. Wait for it so a first connection is not refused for "no backend".
+        let loaded = eventually(Duration::from_secs(10), || {
+            let status: Value = match serde_json::from_str(&http_get(lb.admin, "/status")) {
+                Ok(v) => v,
+                Err(_) => return false,
+            };
+            status["services"][0]["backends"]
+                .as_array()
+                .is_some_and(|bs| bs.len() == backends.len())
+        });
+        assert!(loaded, "srvlb never loaded its {} backends", backends.len());
+        lb
     }
 
     /// The `fields` of every JSON log line whose message is `message`.
