@@ -234,7 +234,7 @@ fn metrics(state: &AdminState) -> String {
             s.discovery.failures.load(Ordering::Relaxed)
         );
     }
-    let backend_metrics: [(&str, &str, &str); 7] = [
+    let backend_metrics: [(&str, &str, &str); 8] = [
         (
             "srvlb_backend_active_connections",
             "gauge",
@@ -254,6 +254,11 @@ fn metrics(state: &AdminState) -> String {
             "srvlb_backend_ejections_total",
             "counter",
             "Times the backend was ejected.",
+        ),
+        (
+            "srvlb_backend_readmissions_total",
+            "counter",
+            "Times an ejected backend carried data again and was re-admitted.",
         ),
         (
             "srvlb_backend_bytes_sent_total",
@@ -286,6 +291,7 @@ fn metrics(state: &AdminState) -> String {
                 b.stats.connections.load(Ordering::Relaxed),
                 b.stats.connect_failures.load(Ordering::Relaxed),
                 b.health.total_ejections(),
+                b.health.total_readmissions(),
                 b.stats.bytes_sent.load(Ordering::Relaxed),
                 b.stats.bytes_received.load(Ordering::Relaxed),
                 u64::from(st == BackendState::Active),

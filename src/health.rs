@@ -3,7 +3,7 @@
 //! decides which backend a client gets (the selector reads `is_available`).
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::HealthConfig;
@@ -47,6 +47,20 @@ pub struct Health {
     /// When the last failure was recorded (for "least recently failed" fallback).
     last_failure: AtomicU64,
     total_ejections: AtomicU64,
+    /// Set by an ejection, cleared by the first success after it: that success is the
+    /// re-admission, which the proxy logs and counts exactly once.
+    readmission_pending: AtomicBool,
+    total_readmissions: AtomicU64,
+}
+
+/// A success that ended an ejection: the backend is taking traffic again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readmission {
+    /// From the start of the ejection to the success that ended it.
+    pub out_ms: u64,
+    /// True when the success came from a connection made during the ejection window (the
+    /// "every backend is failing" fallback) and therefore ended the ejection before its time.
+    pub early: bool,
 }
 
 impl Health {
@@ -77,12 +91,61 @@ impl Health {
         self.streak.load(Ordering::Relaxed)
     }
 
-    /// A connection to the backend completed and carried data: the failure count resets.
-    pub fn record_success(&self) {
-        // Avoid dirtying the cache line on the common path where nothing failed.
-        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
+    pub fn total_readmissions(&self) -> u64 {
+        self.total_readmissions.load(Ordering::Relaxed)
+    }
+
+    /// A connection made at `connected_at` carried data (observed at `now`): the failure
+    /// count resets. Returns the re-admission when this success is the first one since an
+    /// ejection.
+    ///
+    /// Only a connection made after the last ejection started is evidence: a connection
+    /// opened before the backend began failing can carry data while new connects time out
+    /// (a full backlog), and must neither end the ejection nor spoil "the first connection
+    /// after the ejection decides". A connection made during the ejection (the selector's
+    /// fallback when everything is failing) proves the backend is back, so it ends the
+    /// ejection at once instead of letting clients wait for the deadline.
+    pub fn record_success(&self, connected_at: u64, now: u64) -> Option<Readmission> {
+        // The common path (nothing ever failed) only reads: no cache line is dirtied.
+        if self.consecutive_failures.load(Ordering::Relaxed) == 0
+            && !self.readmission_pending.load(Ordering::Relaxed)
+        {
+            return None;
         }
+        let ejected_at = self.ejected_at.load(Ordering::Acquire);
+        if connected_at < ejected_at {
+            return None;
+        }
+        let readmitting = self.readmission_pending.swap(false, Ordering::AcqRel);
+        let ejected_at = if readmitting {
+            // An ejection may have been published between the first read and the swap (the
+            // flag is stored after `ejected_at`, so this read is fresh): re-check the evidence.
+            let fresh = self.ejected_at.load(Ordering::Acquire);
+            if connected_at < fresh {
+                self.readmission_pending.store(true, Ordering::Release);
+                return None;
+            }
+            fresh
+        } else {
+            ejected_at
+        };
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if !readmitting {
+            return None;
+        }
+        let until = self.ejected_until.load(Ordering::Acquire);
+        // Ending early moves the deadline to now (not 0: 0 means "never ejected" to the
+        // backoff arithmetic, which must see this ejection as the previous one).
+        let early = until > now
+            && self
+                .ejected_until
+                .compare_exchange(until, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok();
+        self.total_readmissions.fetch_add(1, Ordering::Relaxed);
+        Some(Readmission {
+            out_ms: now.saturating_sub(ejected_at),
+            early,
+        })
     }
 
     /// Records one failure. `may_eject` is asked only when the threshold is reached and says
@@ -123,7 +186,8 @@ impl Health {
             return FailureVerdict::Counted { consecutive };
         }
         self.streak.store(streak, Ordering::Relaxed);
-        self.ejected_at.store(now, Ordering::Relaxed);
+        self.ejected_at.store(now, Ordering::Release);
+        self.readmission_pending.store(true, Ordering::Release);
         self.total_ejections.fetch_add(1, Ordering::Relaxed);
         FailureVerdict::Ejected {
             consecutive,
@@ -133,17 +197,20 @@ impl Health {
     }
 }
 
-/// The backoff exponent of a new ejection. Each `base_ejection` of healthy time since the
-/// previous ejection ended forgives one step, so a backend that flaps keeps growing its
-/// ejection while one that failed once long ago starts again from `base_ejection`.
+/// The backoff exponent of a new ejection. Each `max_ejection` of healthy time since the
+/// previous ejection ended forgives one step, so a backend that flaps (healthy for less than
+/// the longest ejection between failures) keeps growing its ejection up to the cap, while one
+/// that failed once long ago starts again from `base_ejection`. Forgiving per
+/// `base_ejection` instead would never grow: a backend up for one base period between
+/// failures would be forgiven exactly the step its last ejection added.
 fn next_streak(streak: u32, previous_end: u64, now: u64, policy: &HealthConfig) -> u32 {
     if previous_end == 0 {
         return 1;
     }
-    let base_ms = u64::try_from(policy.base_ejection.as_millis())
+    let unit_ms = u64::try_from(policy.max_ejection.max(policy.base_ejection).as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let healthy_steps = now.saturating_sub(previous_end) / base_ms;
+    let healthy_steps = now.saturating_sub(previous_end) / unit_ms;
     let forgiven = u32::try_from(healthy_steps).unwrap_or(u32::MAX);
     streak.saturating_sub(forgiven).saturating_add(1)
 }
@@ -204,7 +271,11 @@ mod tests {
         let p = policy();
         h.record_failure(1, &p, || true);
         h.record_failure(2, &p, || true);
-        h.record_success();
+        assert_eq!(
+            h.record_success(2, 3),
+            None,
+            "never ejected: nothing to re-admit"
+        );
         assert_eq!(
             h.record_failure(3, &p, || true),
             FailureVerdict::Counted { consecutive: 1 }
@@ -249,9 +320,9 @@ mod tests {
         }
         let end2 = h.ejected_until(end).expect("ejected again");
         assert_eq!(end2 - end, 20_000);
-        // Healthy for far longer than base_ejection * streak: back to the base duration.
+        // Healthy for two max_ejection periods: both steps forgiven, back to the base.
         let later = end2 + 600_000;
-        h.record_success();
+        assert!(h.record_success(end2, end2 + 1).is_some());
         for _ in 0..3 {
             h.record_failure(later, &p, || true);
         }
@@ -270,5 +341,90 @@ mod tests {
             FailureVerdict::CapReached { consecutive: 3 }
         );
         assert!(h.is_available(4));
+    }
+
+    fn eject_at(h: &Health, p: &HealthConfig, now: u64) {
+        for _ in 0..p.consecutive_failures {
+            h.record_failure(now, p, || true);
+        }
+        assert!(!h.is_available(now), "setup: the backend should be ejected");
+    }
+
+    #[test]
+    fn first_success_after_the_ejection_readmits_once() {
+        let h = Health::default();
+        let p = policy();
+        eject_at(&h, &p, 1_000);
+        let end = h.ejected_until(1_000).expect("ejected");
+        assert_eq!(
+            h.record_success(end + 5, end + 10),
+            Some(Readmission {
+                out_ms: end + 10 - 1_000,
+                early: false
+            })
+        );
+        assert_eq!(h.total_readmissions(), 1);
+        assert_eq!(h.consecutive_failures(), 0);
+        // A second success is an ordinary one.
+        assert_eq!(h.record_success(end + 20, end + 30), None);
+        assert_eq!(h.total_readmissions(), 1);
+    }
+
+    #[test]
+    fn a_connection_older_than_the_ejection_proves_nothing() {
+        let h = Health::default();
+        let p = policy();
+        eject_at(&h, &p, 1_000);
+        // Opened at 500 (before the backend started failing), carried data at 1_500.
+        assert_eq!(h.record_success(500, 1_500), None);
+        assert!(!h.is_available(1_500), "a stale success ended the ejection");
+        let end = h.ejected_until(1_500).expect("still ejected");
+        // The first connection after the ejection still decides: one failure re-ejects.
+        assert!(matches!(
+            h.record_failure(end, &p, || true),
+            FailureVerdict::Ejected { streak: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn success_of_a_connection_made_during_the_ejection_ends_it_early() {
+        let h = Health::default();
+        let p = policy();
+        eject_at(&h, &p, 1_000);
+        // The fallback picked the ejected backend at 2_000 and it answered.
+        let r = h.record_success(2_000, 2_001).expect("re-admitted");
+        assert!(r.early);
+        assert!(h.is_available(2_001));
+        // The ended ejection still counts as the previous one for the backoff.
+        eject_at(&h, &p, 2_002);
+        assert_eq!(
+            h.ejected_until(2_002).map(|u| u - 2_002),
+            Some(20_000),
+            "a repeat ejection right after re-admission must double"
+        );
+    }
+
+    #[test]
+    fn a_flapping_backend_keeps_growing_until_healthy_for_max_ejection() {
+        let h = Health::default();
+        let p = policy(); // base 10 s, max 300 s
+        eject_at(&h, &p, 0);
+        let mut expected = 10_000;
+        let mut now = 0;
+        for _ in 0..4 {
+            let end = h.ejected_until(now).expect("ejected");
+            // Back for a while (less than max_ejection), carries data, then fails again.
+            h.record_success(end, end + 1);
+            now = end + 60_000;
+            eject_at(&h, &p, now);
+            expected *= 2;
+            assert_eq!(h.ejected_until(now).map(|u| u - now), Some(expected));
+        }
+        // One max_ejection of health forgives one step only.
+        let end = h.ejected_until(now).expect("ejected");
+        h.record_success(end, end + 1);
+        now = end + 300_000;
+        eject_at(&h, &p, now);
+        assert_eq!(h.ejected_until(now).map(|u| u - now), Some(expected));
     }
 }

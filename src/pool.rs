@@ -137,21 +137,17 @@ impl Tier {
         self.backends.iter().any(|b| b.health.is_available(now))
     }
 
-    /// How many more backends may be ejected without exceeding `max_percent` of the tier.
+    /// True when one more backend may be ejected without exceeding `max_percent` of the
+    /// tier. The cap is a hard limit (rounded down): a tier of 2 at 10 % ejects nothing,
+    /// a tier of 1 never ejects (there is nowhere else to send its clients anyway).
+    /// Callers hold `Pool::ejection_gate` across this check and the ejection itself.
     pub fn may_eject_one(&self, now: u64, max_percent: u8) -> bool {
         let ejected = self
             .backends
             .iter()
             .filter(|b| !b.health.is_available(now))
             .count();
-        // Round down, but always allow one ejection in a tier of 2+ when the cap is above 0,
-        // so a lone bad backend among two can still be taken out (as Envoy does).
-        let allowed = (self.backends.len() * usize::from(max_percent)) / 100;
-        let allowed = if max_percent > 0 && self.backends.len() > 1 {
-            allowed.max(1)
-        } else {
-            allowed
-        };
+        let allowed = (self.backends.len() * usize::from(max_percent.min(100))) / 100;
         ejected < allowed
     }
 }
@@ -224,6 +220,11 @@ pub struct Pool {
     /// Backends of the current snapshot and those still draining. Only discovery updates and
     /// status reads take this lock; the accept path never does.
     members: Mutex<Members>,
+    /// Serialises "may this backend be ejected?" with the ejection itself. Without it two
+    /// backends of a tier crossing their threshold at the same moment would both see room
+    /// under `max_ejected_percent` and together exceed it. Taken only when a failure is
+    /// recorded, never on the success path.
+    ejection_gate: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -240,7 +241,13 @@ impl Pool {
             maglev_size,
             current: ArcSwap::from_pointee(Snapshot::default()),
             members: Mutex::new(Members::default()),
+            ejection_gate: Mutex::new(()),
         }
+    }
+
+    /// Held while a failure is recorded; see `ejection_gate`.
+    pub fn ejection_gate(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.ejection_gate.lock()
     }
 
     pub fn service(&self) -> &str {
@@ -470,5 +477,31 @@ mod tests {
         }
         assert_eq!(ejected, 2);
         assert!(tier.has_available(now));
+    }
+
+    #[test]
+    fn ejection_cap_is_never_exceeded_even_in_small_tiers() {
+        let pool = Pool::new("svc", 1009);
+        let eps: Vec<Endpoint> = (1..=2)
+            .map(|i| ep(&format!("b{i}.test."), 80, [127, 0, 0, i], 10, 1))
+            .collect();
+        pool.update(&eps).expect("update");
+        let snap = pool.snapshot();
+        let tier = &snap.tiers[0];
+        let now = now_ms();
+        // 2 backends: 10 % allows none, 50 % one, 100 % both.
+        assert!(!tier.may_eject_one(now, 10));
+        assert!(tier.may_eject_one(now, 50));
+        assert!(tier.may_eject_one(now, 100));
+        let policy = crate::config::HealthConfig {
+            consecutive_failures: 1,
+            base_ejection: std::time::Duration::from_secs(60),
+            max_ejection: std::time::Duration::from_secs(60),
+            max_ejected_percent: 50,
+        };
+        tier.backends[0]
+            .health
+            .record_failure(now, &policy, || tier.may_eject_one(now, 50));
+        assert!(!tier.may_eject_one(now, 50));
     }
 }

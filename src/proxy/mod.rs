@@ -11,7 +11,7 @@ pub mod splice;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpSocket, TcpStream};
@@ -24,31 +24,60 @@ use crate::pool::{Backend, Snapshot};
 use crate::service::Service;
 use copy::{End, Side, Transfer, proxy_streams, reset_on_close};
 
-/// Logs at most once per `interval`: for events that can repeat thousands of times a second
-/// (accept errors, a failing backend under load) without flooding the journal.
+/// Logs at most `burst` lines per `interval`: for events that can repeat thousands of times a
+/// second (accept errors, a failing backend under load, many backends flapping at once)
+/// without flooding the journal. What it holds back is counted and reported on the next line
+/// it lets through, so an operator knows lines are missing.
 #[derive(Debug)]
 pub struct LogThrottle {
     interval_ms: u64,
-    last: AtomicU64,
+    burst: u64,
+    window_start: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
 }
 
 impl LogThrottle {
+    /// One line per `interval`.
     pub const fn new(interval: Duration) -> LogThrottle {
+        LogThrottle::with_burst(interval, 1)
+    }
+
+    /// Up to `burst` lines per `interval`.
+    pub const fn with_burst(interval: Duration, burst: u64) -> LogThrottle {
         LogThrottle {
             interval_ms: interval.as_millis() as u64,
-            last: AtomicU64::new(0),
+            burst,
+            window_start: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         }
     }
 
     /// True when the caller should log now.
     pub fn allow(&self) -> bool {
+        self.permit().is_some()
+    }
+
+    /// `Some(lines held back since the last permitted one)` when the caller should log now.
+    pub fn permit(&self) -> Option<u64> {
         let now = now_ms();
-        let last = self.last.load(Ordering::Relaxed);
-        (last == 0 || now.saturating_sub(last) >= self.interval_ms)
+        let start = self.window_start.load(Ordering::Relaxed);
+        if (start == 0 || now.saturating_sub(start) >= self.interval_ms)
             && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .window_start
+                .compare_exchange(start, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+        {
+            // A racing caller may slip one extra line into the new window; harmless for logs.
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.burst {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 }
 
@@ -93,6 +122,10 @@ impl Drop for ServiceActive<'_> {
 }
 
 static CONNECT_FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+// Ejections and re-admissions happen at most once per `base_ejection` per backend, but a
+// large pool losing a rack at once would still print a line per backend.
+static EJECTION_LOG: LogThrottle = LogThrottle::with_burst(Duration::from_secs(1), 20);
+static READMISSION_LOG: LogThrottle = LogThrottle::with_burst(Duration::from_secs(1), 20);
 
 /// Serves one accepted client from start to close.
 pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: SocketAddr) {
@@ -114,33 +147,40 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
         info!(service = %service.name, client = %peer, reason = "no_backend", "connection closed");
         return;
     }
-    let (backend, stream, attempts) = match connect_any(&service, &config, &snapshot, peer).await {
-        Some(found) => found,
-        None => {
-            service
-                .stats
-                .connect_exhausted
-                .fetch_add(1, Ordering::Relaxed);
-            reset_on_close(&client);
-            info!(
-                service = %service.name,
-                client = %peer,
-                reason = "all_backends_failed",
-                duration_ms = started.elapsed().as_millis() as u64,
-                "connection closed"
-            );
-            return;
-        }
-    };
+    let (backend, stream, attempts, connected_at) =
+        match connect_any(&service, &config, &snapshot, peer).await {
+            Some(found) => found,
+            None => {
+                service
+                    .stats
+                    .connect_exhausted
+                    .fetch_add(1, Ordering::Relaxed);
+                reset_on_close(&client);
+                info!(
+                    service = %service.name,
+                    client = %peer,
+                    reason = "all_backends_failed",
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "connection closed"
+                );
+                return;
+            }
+        };
     let _backend_active = ActiveGuard::new(&backend);
     let transfer = match send_proxy_header(&config, &client, peer, &stream).await {
         Ok(()) => {
-            let count = |side: Side, n: u64| match side {
-                Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
-                Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
-            };
-            let count = move |side, n| {
-                count(side, n);
+            // The first byte either way proves the backend works: record the success then,
+            // not at close, so a long-lived connection re-admits an ejected backend (and
+            // resets its failure count) as soon as it carries data.
+            let proven = AtomicBool::new(false);
+            let count = |side: Side, n: u64| {
+                match side {
+                    Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
+                    Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
+                };
+                if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
+                    record_success(&service, &backend, connected_at);
+                }
             };
             proxy_streams(&client, &stream, config.idle_timeout, &count).await
         }
@@ -169,8 +209,10 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
     );
 }
 
-/// A backend that closed or reset before a single byte moved either way failed; one that
-/// carried data succeeded. Anything else (the client left first) says nothing about it.
+/// A backend that closed or reset before a single byte moved either way failed (it accepted
+/// and then refused to serve). Success was recorded when the first byte moved; a reset after
+/// that is passed on to the client but says nothing reliable about new connections, and the
+/// client leaving first says nothing about the backend at all.
 fn judge_backend(
     service: &Service,
     config: &ServiceConfig,
@@ -179,10 +221,26 @@ fn judge_backend(
     transfer: &Transfer,
 ) {
     let moved = transfer.client_to_backend + transfer.backend_to_client;
-    if moved > 0 {
-        backend.health.record_success();
-    } else if transfer.first_to_finish == Some(Side::Backend) {
+    if moved == 0 && transfer.first_to_finish == Some(Side::Backend) {
         record_failure(service, config, snapshot, backend, "closed before any data");
+    }
+}
+
+fn record_success(service: &Service, backend: &Backend, connected_at: u64) {
+    let Some(readmission) = backend.health.record_success(connected_at, now_ms()) else {
+        return;
+    };
+    if let Some(suppressed) = READMISSION_LOG.permit() {
+        info!(
+            service = %service.name,
+            backend = %backend.addr(),
+            target = %backend.key.target,
+            out_ms = readmission.out_ms,
+            early = readmission.early,
+            readmissions = backend.health.total_readmissions(),
+            suppressed,
+            "backend re-admitted"
+        );
     }
 }
 
@@ -206,7 +264,7 @@ async fn connect_any(
     config: &ServiceConfig,
     snapshot: &Snapshot,
     peer: SocketAddr,
-) -> Option<(Arc<Backend>, TcpStream, u32)> {
+) -> Option<(Arc<Backend>, TcpStream, u32, u64)> {
     let key = client_key(peer, config.hash_key);
     let mut selector = Selector::new(snapshot, config.balance, key, now_ms());
     let mut attempts = 0u32;
@@ -220,7 +278,7 @@ async fn connect_any(
             service.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
         match connect(backend.addr(), config.connect_timeout).await {
-            Ok(stream) => return Some((backend, stream, attempts)),
+            Ok(stream) => return Some((backend, stream, attempts, now_ms())),
             Err(e) => {
                 backend
                     .stats
@@ -231,8 +289,17 @@ async fn connect_any(
                 } else {
                     format!("connect: {e}")
                 };
-                if CONNECT_FAILURE_LOG.allow() {
-                    warn!(service = %service.name, backend = %backend.addr(), client = %peer, attempt = attempts, error = %why, "backend connect failed; trying another");
+                if let Some(suppressed) = CONNECT_FAILURE_LOG.permit() {
+                    warn!(
+                        service = %service.name,
+                        backend = %backend.addr(),
+                        client = %peer,
+                        attempt = attempts,
+                        retrying = attempts <= config.connect_retries,
+                        error = %why,
+                        suppressed,
+                        "backend connect failed"
+                    );
                 }
                 record_failure(service, config, snapshot, &backend, &why);
             }
@@ -248,28 +315,38 @@ fn record_failure(
     backend: &Arc<Backend>,
     why: &str,
 ) {
-    let now = now_ms();
     let policy = &config.health;
-    let verdict = backend.health.record_failure(now, policy, || {
-        snapshot
-            .tier_of(backend)
-            .is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
-    });
+    let verdict = {
+        // Held across the cap check and the ejection so that concurrent failures of
+        // different backends cannot together exceed max_ejected_percent.
+        let _gate = service.pool.ejection_gate();
+        let now = now_ms();
+        backend.health.record_failure(now, policy, || {
+            snapshot
+                .tier_of(backend)
+                .is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
+        })
+    };
     match verdict {
         FailureVerdict::Ejected {
             consecutive,
             duration,
             streak,
-        } => warn!(
-            service = %service.name,
-            backend = %backend.addr(),
-            target = %backend.key.target,
-            failures = consecutive,
-            ejection_ms = duration.as_millis() as u64,
-            streak,
-            reason = why,
-            "backend ejected"
-        ),
+        } => {
+            if let Some(suppressed) = EJECTION_LOG.permit() {
+                warn!(
+                    service = %service.name,
+                    backend = %backend.addr(),
+                    target = %backend.key.target,
+                    failures = consecutive,
+                    ejection_ms = duration.as_millis() as u64,
+                    streak,
+                    reason = why,
+                    suppressed,
+                    "backend ejected"
+                );
+            }
+        }
         FailureVerdict::CapReached { consecutive } => debug!(
             service = %service.name,
             backend = %backend.addr(),
