@@ -362,6 +362,12 @@ fn status_json(state: &AdminState) -> String {
                         BackendState::Standby => {
                             v["reason"] = json!("a preferred tier has usable backends")
                         }
+                        BackendState::Active if b.health.is_held(now) => {
+                            v["reason"] = json!(format!(
+                                "{} consecutive failures; kept in service by max_ejected_percent",
+                                b.health.consecutive_failures()
+                            ));
+                        }
                         BackendState::Active => {}
                     }
                     v

@@ -51,6 +51,10 @@ pub struct Health {
     /// re-admission, which the proxy logs and counts exactly once.
     readmission_pending: AtomicBool,
     total_readmissions: AtomicU64,
+    /// Deadline before which the backend is known to fail but was kept in service because
+    /// ejecting it would exceed `max_ejected_percent` (0 = not held). The selector skips a
+    /// tier whose usable backends are all held when another tier can serve.
+    held_until: AtomicU64,
 }
 
 /// A success that ended an ejection: the backend is taking traffic again.
@@ -89,6 +93,11 @@ impl Health {
 
     pub fn streak(&self) -> u32 {
         self.streak.load(Ordering::Relaxed)
+    }
+
+    /// True while the backend failed past the threshold but the ejection cap kept it in.
+    pub fn is_held(&self, now: u64) -> bool {
+        self.held_until.load(Ordering::Relaxed) > now
     }
 
     pub fn total_readmissions(&self) -> u64 {
@@ -130,6 +139,7 @@ impl Health {
             ejected_at
         };
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.held_until.store(0, Ordering::Relaxed);
         if !readmitting {
             return None;
         }
@@ -165,6 +175,12 @@ impl Health {
             return FailureVerdict::Counted { consecutive };
         }
         if !may_eject() {
+            // Kept in service, but a tier of such backends should not hold traffic back
+            // from a healthy lower-priority tier; the hold lasts one base ejection, after
+            // which the next connection decides again.
+            let hold = u64::try_from(policy.base_ejection.as_millis()).unwrap_or(u64::MAX);
+            self.held_until
+                .store(now.saturating_add(hold), Ordering::Relaxed);
             return FailureVerdict::CapReached { consecutive };
         }
         let previous_end = self.ejected_until.load(Ordering::Relaxed);
@@ -186,6 +202,7 @@ impl Health {
             return FailureVerdict::Counted { consecutive };
         }
         self.streak.store(streak, Ordering::Relaxed);
+        self.held_until.store(0, Ordering::Relaxed);
         self.ejected_at.store(now, Ordering::Release);
         self.readmission_pending.store(true, Ordering::Release);
         self.total_ejections.fetch_add(1, Ordering::Relaxed);

@@ -171,8 +171,16 @@ impl Snapshot {
     }
 
     /// Index of the tier a new connection would use first.
+    /// (Mirrors the selector: a tier of only cap-held backends yields to a healthy one.)
     pub fn active_tier(&self, now: u64) -> Option<usize> {
-        self.tiers.iter().position(|t| t.has_available(now))
+        self.tiers
+            .iter()
+            .position(|t| {
+                t.backends
+                    .iter()
+                    .any(|b| b.health.is_available(now) && !b.health.is_held(now))
+            })
+            .or_else(|| self.tiers.iter().position(|t| t.has_available(now)))
     }
 
     /// The tier that holds `backend`, found by pointer.

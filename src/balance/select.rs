@@ -66,14 +66,24 @@ impl<'a> Selector<'a> {
 
     /// The next backend to try, or `None` when every backend has been tried.
     pub fn next_backend<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Option<Arc<Backend>> {
-        let picked = self
-            .snapshot
-            .tiers
+        // A tier is preferred while it has a backend that is neither ejected, nor kept in
+        // only by the ejection cap, nor tried. A tier whose remaining backends are all
+        // failing is used only when no lower tier has a healthy one.
+        let tiers = &self.snapshot.tiers;
+        let picked = tiers
             .iter()
+            .filter(|tier| self.has_healthy(tier))
             .find_map(|tier| self.pick_in_tier(tier, rng))
+            .or_else(|| tiers.iter().find_map(|tier| self.pick_in_tier(tier, rng)))
             .or_else(|| self.least_recently_failed())?;
         self.tried.push(Arc::as_ptr(&picked) as usize);
         Some(picked)
+    }
+
+    fn has_healthy(&self, tier: &Tier) -> bool {
+        tier.backends
+            .iter()
+            .any(|b| self.usable(b) && !b.health.is_held(self.now))
     }
 
     fn usable(&self, backend: &Arc<Backend>) -> bool {
@@ -233,6 +243,39 @@ mod tests {
         eject(&snap.tiers[0].backends[0], now);
         assert_eq!(first(&snap, Balance::Maglev, 7, now), 2);
         assert_eq!(first(&snap, Balance::P2c, 7, now), 2);
+    }
+
+    #[test]
+    fn a_tier_kept_in_only_by_the_ejection_cap_yields_to_a_healthy_tier() {
+        let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 10, 1), (4, 20, 1)]);
+        let snap = p.snapshot();
+        let now = crate::health::now_ms();
+        let policy = HealthConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(60),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 34,
+        };
+        // Every preferred backend fails; the cap lets only one be ejected.
+        let tier = &snap.tiers[0];
+        for b in &tier.backends {
+            b.health
+                .record_failure(now, &policy, || tier.may_eject_one(now, 34));
+        }
+        let ejected = tier
+            .backends
+            .iter()
+            .filter(|b| !b.health.is_available(now))
+            .count();
+        assert_eq!(ejected, 1, "the cap must hold");
+        for key in 0..50u64 {
+            assert_eq!(first(&snap, Balance::Maglev, key, now), 4);
+            assert_eq!(first(&snap, Balance::P2c, key, now), 4);
+        }
+        // Without a healthy tier to go to, the held backends still serve.
+        eject(&snap.tiers[1].backends[0], now);
+        let b = first(&snap, Balance::P2c, 1, now);
+        assert!((1..=3).contains(&b), "got {b}");
     }
 
     #[test]
