@@ -277,14 +277,16 @@ fn metrics(state: &AdminState) -> String {
         ),
     ];
     let mut rows: Vec<String> = vec![String::new(); backend_metrics.len()];
+    let mut states = String::new();
     for s in services.iter() {
         for (b, _, _, st) in s.pool.states() {
+            // No state label here: a label that changes would split every counter into a
+            // new series and break rate(); the state has its own gauge below.
             let labels = format!(
-                "service=\"{}\",backend=\"{}\",target=\"{}\",state=\"{}\"",
+                "service=\"{}\",backend=\"{}\",target=\"{}\"",
                 label(&s.name),
                 b.addr(),
                 label(&b.key.target),
-                st.label()
             );
             let values = [
                 b.stats.active.load(Ordering::Relaxed),
@@ -299,12 +301,26 @@ fn metrics(state: &AdminState) -> String {
             for (i, v) in values.iter().enumerate() {
                 let _ = writeln!(rows[i], "{}{{{labels}}} {v}", backend_metrics[i].0);
             }
+            for state in ["active", "ejected", "draining", "standby"] {
+                let _ = writeln!(
+                    states,
+                    "srvlb_backend_state{{{labels},state=\"{state}\"}} {}",
+                    u8::from(st.label() == state)
+                );
+            }
         }
     }
     for ((name, kind, help), row) in backend_metrics.iter().zip(rows) {
         family(&mut out, name, kind, help);
         out.push_str(&row);
     }
+    family(
+        &mut out,
+        "srvlb_backend_state",
+        "gauge",
+        "1 for the backend's current state (active, ejected, draining, standby), else 0.",
+    );
+    out.push_str(&states);
     family(
         &mut out,
         "srvlb_reloads_total",

@@ -479,17 +479,24 @@ fn quick_successive_reloads_end_in_the_last_config() {
     println!("{ROUNDS} double-HUP rounds -> {seen} reloads applied");
 }
 
-/// The value of the backend metric `name` for `backend`, with its state label.
-fn backend_metric(admin: SocketAddr, name: &str, backend: SocketAddr) -> Option<(String, u64)> {
+/// The value of the backend metric `name` for `backend`.
+fn backend_metric(admin: SocketAddr, name: &str, backend: SocketAddr) -> Option<u64> {
     let body = http_get(admin, "/metrics");
     let needle = format!("backend=\"{backend}\"");
     body.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&needle))
-        .find_map(|l| {
-            let state = l.split("state=\"").nth(1)?.split('"').next()?.to_owned();
-            let value = l.rsplit(' ').next()?.parse().ok()?;
-            Some((state, value))
-        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The current state of `backend` as /metrics reports it (the srvlb_backend_state series
+/// whose value is 1).
+fn backend_state(admin: SocketAddr, backend: SocketAddr) -> Option<String> {
+    let body = http_get(admin, "/metrics");
+    let needle = format!("backend=\"{backend}\"");
+    body.lines()
+        .filter(|l| l.starts_with("srvlb_backend_state{") && l.contains(&needle))
+        .filter(|l| l.ends_with(" 1"))
+        .find_map(|l| Some(l.split("state=\"").nth(1)?.split('"').next()?.to_owned()))
 }
 
 #[test]
@@ -512,12 +519,12 @@ fn pool_state_survives_a_reload_that_keeps_the_discovery_source() {
     // Drive traffic until the dead backend is ejected (retries keep clients whole).
     let ejected = eventually(Duration::from_secs(15), || {
         assert!(serves(port), "a retry must hide the dead backend");
-        backend_metric(admin, "srvlb_backend_up", dead).is_some_and(|(s, _)| s == "ejected")
+        backend_state(admin, dead).is_some_and(|s| s == "ejected")
     });
     assert!(ejected, "dead backend never ejected");
-    let (_, served) =
+    let served =
         backend_metric(admin, "srvlb_backend_connections_total", live.addr).expect("live metric");
-    let (_, ejections) =
+    let ejections =
         backend_metric(admin, "srvlb_backend_ejections_total", dead).expect("dead metric");
     assert!(served > 0 && ejections > 0);
 
@@ -525,16 +532,13 @@ fn pool_state_survives_a_reload_that_keeps_the_discovery_source() {
     srvlb.write_config(&main("maglev", 2, &both));
     srvlb.signal("HUP");
     srvlb.wait_log(RELOADED, RELOAD_TIMEOUT);
+    assert_eq!(backend_state(admin, dead), Some("ejected".to_owned()));
     assert_eq!(
-        backend_metric(admin, "srvlb_backend_up", dead).map(|(s, _)| s),
-        Some("ejected".to_owned())
-    );
-    assert_eq!(
-        backend_metric(admin, "srvlb_backend_ejections_total", dead).map(|(_, v)| v),
+        backend_metric(admin, "srvlb_backend_ejections_total", dead),
         Some(ejections)
     );
     assert_eq!(
-        backend_metric(admin, "srvlb_backend_connections_total", live.addr).map(|(_, v)| v),
+        backend_metric(admin, "srvlb_backend_connections_total", live.addr),
         Some(served)
     );
 
@@ -544,7 +548,7 @@ fn pool_state_survives_a_reload_that_keeps_the_discovery_source() {
     srvlb.signal("HUP");
     srvlb.wait_log_count(RELOADED, 2, RELOAD_TIMEOUT);
     assert_eq!(
-        backend_metric(admin, "srvlb_backend_connections_total", live.addr).map(|(_, v)| v),
+        backend_metric(admin, "srvlb_backend_connections_total", live.addr),
         Some(0)
     );
     assert!(serves(port));
