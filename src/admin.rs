@@ -321,6 +321,24 @@ fn metrics(state: &AdminState) -> String {
         "1 for the backend's current state (active, ejected, draining, standby), else 0.",
     );
     out.push_str(&states);
+    #[cfg(target_os = "linux")]
+    {
+        use crate::proxy::splice::PIPES;
+        family(
+            &mut out,
+            "srvlb_splice_pipes_idle",
+            "gauge",
+            "Empty splice pipes kept for reuse (two file descriptors each).",
+        );
+        let _ = writeln!(out, "srvlb_splice_pipes_idle {}", PIPES.idle());
+        family(
+            &mut out,
+            "srvlb_splice_pipes_created_total",
+            "counter",
+            "Splice pipes created.",
+        );
+        let _ = writeln!(out, "srvlb_splice_pipes_created_total {}", PIPES.created());
+    }
     family(
         &mut out,
         "srvlb_reloads_total",

@@ -1,7 +1,9 @@
 //! Moves bytes both ways between a client and a backend until both sides are done, keeping
 //! TCP's meaning: a FIN becomes `shutdown(Write)` on the other leg while the other direction
-//! keeps flowing, a reset is passed on as a reset, and an idle connection is closed. Buffers
-//! are taken only while bytes are in flight, so an idle connection holds none.
+//! keeps flowing, a reset is passed on as a reset, and an idle connection is closed. On Linux
+//! the bytes move with splice(2) (see `splice`); elsewhere, or where the kernel refuses it, a
+//! userspace copy does. Either way pipes and buffers are taken only while bytes are in
+//! flight, so an idle connection holds none.
 
 use std::io;
 use std::net::Shutdown;
@@ -149,20 +151,28 @@ async fn pump(
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
 ) -> Result<(), PumpError> {
+    #[cfg(target_os = "linux")]
+    if splice_enabled() {
+        use super::splice::{PIPES, SpliceEnd, splice_direction};
+        let mut moved = |n: u64| {
+            counter.fetch_add(n, Ordering::Relaxed);
+            on_bytes(side, n);
+            last_activity.store(now_ms(), Ordering::Relaxed);
+        };
+        match splice_direction(from, to, &PIPES, &mut moved).await {
+            SpliceEnd::Eof => return pass_fin(to),
+            SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
+            SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
+            // Refused before any byte moved: the userspace copy below takes over.
+            SpliceEnd::Unsupported => {}
+        }
+    }
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
         from.readable().await.map_err(PumpError::Read)?;
         let buf = buffer.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
         match from.try_read(buf) {
-            Ok(0) => {
-                match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => {}
-                    // The other side is already gone; its own direction will report how.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(e) => return Err(PumpError::Write(e)),
-                }
-                return Ok(());
-            }
+            Ok(0) => return pass_fin(to),
             Ok(n) => {
                 write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
                 let n = n as u64;
@@ -176,6 +186,24 @@ async fn pump(
             Err(e) => return Err(PumpError::Read(e)),
         }
     }
+}
+
+/// The source sent FIN: pass it on as `shutdown(Write)`, leaving the other direction open.
+fn pass_fin(to: &TcpStream) -> Result<(), PumpError> {
+    match SockRef::from(to).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        // The other side is already gone; its own direction will report how.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(PumpError::Write(e)),
+    }
+}
+
+/// splice(2) is used unless `SRVLB_SPLICE=0` is set in the environment (to compare with the
+/// userspace copy, or to work around a kernel that misbehaves). Read once.
+#[cfg(target_os = "linux")]
+fn splice_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("SRVLB_SPLICE").is_none_or(|v| v != "0"))
 }
 
 /// Writes all of `data` to a stream shared by reference.

@@ -6,6 +6,7 @@
 pub mod copy;
 pub mod listener;
 pub mod proxy_protocol;
+#[cfg(target_os = "linux")]
 pub mod splice;
 
 use std::io;
