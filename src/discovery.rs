@@ -227,8 +227,8 @@ pub fn static_endpoints(statics: &[SocketAddr]) -> Vec<Endpoint> {
         .collect()
 }
 
-/// Refresh interval from a TTL: clamped to `[min_refresh, max_refresh]`, then shortened by up
-/// to 10% at random so that a fleet of instances does not query in lock-step.
+/// Refresh interval from a TTL: clamped to `[min_refresh, max_refresh]`, then moved by up to
+/// 10% at random so that a fleet of instances does not query in lock-step.
 pub fn refresh_interval<R: Rng + ?Sized>(
     ttl: u32,
     settings: &ResolverConfig,
@@ -236,13 +236,12 @@ pub fn refresh_interval<R: Rng + ?Sized>(
 ) -> Duration {
     let clamped =
         Duration::from_secs(u64::from(ttl)).clamp(settings.min_refresh, settings.max_refresh);
-    let jittered = clamped.mul_f64(rng.random_range(0.9..=1.0));
-    jittered.max(settings.min_refresh)
+    jitter(clamped, settings, rng)
 }
 
 /// Retry delay after the `failures`-th failed lookup in a row: doubling from min_refresh,
-/// never above max_refresh, shortened by up to 10% like refreshes (a fleet that lost its DNS
-/// server together must not come back in lock-step), never below min_refresh.
+/// never above max_refresh, jittered like refreshes (a fleet that lost its DNS server
+/// together must not come back in lock-step).
 pub fn failure_backoff<R: Rng + ?Sized>(
     failures: u32,
     settings: &ResolverConfig,
@@ -253,8 +252,24 @@ pub fn failure_backoff<R: Rng + ?Sized>(
         .min_refresh
         .saturating_mul(factor)
         .clamp(settings.min_refresh, settings.max_refresh);
-    base.mul_f64(rng.random_range(0.9..=1.0))
-        .max(settings.min_refresh)
+    jitter(base, settings, rng)
+}
+
+/// Moves `base` (already within the bounds) by up to 10% without leaving
+/// `[min_refresh, max_refresh]`: shorter when there is room above min_refresh, otherwise
+/// longer. The common case of short TTLs clamped up to min_refresh therefore still spreads
+/// a fleet's queries instead of putting them all exactly min_refresh apart.
+fn jitter<R: Rng + ?Sized>(base: Duration, settings: &ResolverConfig, rng: &mut R) -> Duration {
+    let span = base / 10;
+    let (low, high) = if base.saturating_sub(span) >= settings.min_refresh {
+        (base - span, base)
+    } else {
+        (base, (base + span).min(settings.max_refresh))
+    };
+    if high <= low {
+        return low;
+    }
+    low + (high - low).mul_f64(rng.random_range(0.0..=1.0))
 }
 
 /// How often discovery looks at which tier new connections would use. Tier switches happen
@@ -557,28 +572,33 @@ mod tests {
         }
     }
 
+    fn within(d: Duration, low_ms: u64, high_ms: u64) -> bool {
+        d >= Duration::from_millis(low_ms) && d <= Duration::from_millis(high_ms)
+    }
+
     #[test]
-    fn refresh_interval_clamps_and_jitters_down_at_most_ten_percent() {
+    fn refresh_interval_clamps_and_jitters_at_most_ten_percent() {
         let s = settings();
         let mut rng = rand::rng();
         for _ in 0..1000 {
             let d = refresh_interval(30, &s, &mut rng);
-            assert!(
-                d >= Duration::from_secs(27) && d <= Duration::from_secs(30),
-                "{d:?}"
-            );
+            assert!(within(d, 27_000, 30_000), "{d:?}");
+            // Below min_refresh: clamped up, jittered upwards (never faster than min_refresh).
             let low = refresh_interval(0, &s, &mut rng);
-            assert_eq!(low, Duration::from_secs(1));
+            assert!(within(low, 1_000, 1_100), "{low:?}");
             let high = refresh_interval(86_400, &s, &mut rng);
-            assert!(
-                high >= Duration::from_secs(54) && high <= Duration::from_secs(60),
-                "{high:?}"
-            );
+            assert!(within(high, 54_000, 60_000), "{high:?}");
         }
-        let spread: std::collections::HashSet<u128> = (0..100)
-            .map(|_| refresh_interval(30, &s, &mut rng).as_millis())
-            .collect();
-        assert!(spread.len() > 10, "no jitter: {spread:?}");
+        for ttl in [0, 30] {
+            let spread: std::collections::HashSet<u128> = (0..100)
+                .map(|_| refresh_interval(ttl, &s, &mut rng).as_millis())
+                .collect();
+            assert!(spread.len() > 10, "no jitter at ttl {ttl}: {spread:?}");
+        }
+        // min_refresh == max_refresh leaves no room: exactly that interval.
+        let mut fixed = settings();
+        fixed.max_refresh = fixed.min_refresh;
+        assert_eq!(refresh_interval(30, &fixed, &mut rng), fixed.min_refresh);
     }
 
     #[test]
@@ -589,13 +609,11 @@ mod tests {
             let got: Vec<Duration> = (1..=8).map(|n| failure_backoff(n, &s, &mut rng)).collect();
             let want = [1, 2, 4, 8, 16, 32, 60, 60];
             for (d, w) in got.iter().zip(want) {
-                let w = Duration::from_secs(w);
-                // Never faster than min_refresh, never slower than max_refresh, at most 10%
-                // shorter than the doubled delay.
-                assert!(
-                    *d <= w && *d >= w.mul_f64(0.9).max(s.min_refresh),
-                    "{got:?}"
-                );
+                let w = w * 1000;
+                // Never faster than min_refresh, never slower than max_refresh, within 10% of
+                // the doubled delay.
+                assert!(within(*d, w * 9 / 10, (w * 11 / 10).min(60_000)), "{got:?}");
+                assert!(within(*d, 1_000, 60_000), "{got:?}");
             }
         }
     }

@@ -343,3 +343,28 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A blocking HTTP/1.1 GET of `path` on `addr` (the admin endpoint); returns the body.
+/// Panics on a connection error or a non-200 status, which in a test is a failure.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to admin");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("malformed HTTP response: {response:?}"));
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET {path} failed: {head}"
+    );
+    body.to_owned()
+}
