@@ -431,6 +431,45 @@ fn three_hundred_records_arrive_over_tcp_after_truncation() {
     );
 }
 
+/// A target without any address gives no backend and does not spoil the others; an answer in
+/// which no target has an address counts as "absent" (the hold applies), not as an error.
+#[test]
+fn a_target_without_address_gives_no_backend() {
+    let dns = Dns::start();
+    let b = backends(&["b1", "b2"]);
+    dns.publish(&[(&b[0], 10, 10), (&b[1], 10, 10)]);
+    let ghost = Srv {
+        priority: 10,
+        weight: 10,
+        port: b[0].port(),
+        target: host("ghost"), // never given an A or AAAA record: NXDOMAIN
+    };
+    let mut records: Vec<Srv> = [&b[0], &b[1]]
+        .iter()
+        .map(|t| Srv {
+            priority: 10,
+            weight: 10,
+            port: t.port(),
+            target: host(&t.name),
+        })
+        .collect();
+    records.push(ghost.clone());
+    dns.server.set_srv(SRV_NAME, 1, &records);
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    lb.wait_serving(&["b1", "b2"], Duration::from_secs(15));
+    assert_eq!(lb.backends().len(), 2, "{:?}", lb.backends());
+    assert!(dns.server.queries(&host("ghost")) > 0);
+
+    dns.server.set_srv(SRV_NAME, 1, &[ghost]);
+    lb.srvlb.wait_log(
+        "keeping the last backends during the hold",
+        Duration::from_secs(10),
+    );
+    assert!(logged(&lb, &["no SRV target has an address"]));
+    assert!(!lb.stale());
+    assert_eq!(sorted(lb.answers(20)), ["b1", "b2"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // TTL-driven refresh
 // ---------------------------------------------------------------------------------------
