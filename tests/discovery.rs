@@ -206,26 +206,38 @@ impl Lb {
     }
 }
 
-/// True when srvlb accepts the connection and closes it at once, without a backend's
-/// greeting: what a client of a service with no backend must see (not a hang).
-fn closed_at_once(listen: SocketAddr) -> bool {
+/// Ok when srvlb accepts the connection and closes it at once, without a backend's greeting:
+/// what a client of a service with no backend must see (not a hang). Err says what happened.
+fn closed_at_once(listen: SocketAddr) -> Result<(), String> {
     let started = Instant::now();
-    let Ok(mut stream) = TcpStream::connect_timeout(&listen, Duration::from_secs(5)) else {
-        return false; // not even listening
+    let mut stream = match TcpStream::connect_timeout(&listen, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        // Accepted and reset before connect_timeout's poll returned: closed at once.
+        // (A listener that is not bound gives ConnectionRefused instead.)
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+        Err(e) => return Err(format!("connect failed: {e}")),
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("read timeout");
     let mut buf = [0u8; 64];
-    let closed = match stream.read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
-        ),
-    };
-    closed && started.elapsed() < Duration::from_secs(2)
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => {
+            return Err(format!("served: {:?}", String::from_utf8_lossy(&buf[..n])));
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ) => {}
+        Err(e) => return Err(format!("not closed: {e}")),
+    }
+    // Generous for a loaded CI machine; a hanging connection would hit the 5 s read timeout.
+    match started.elapsed() {
+        t if t < Duration::from_secs(3) => Ok(()),
+        t => Err(format!("closed only after {t:?}")),
+    }
 }
 
 /// The log without ANSI colour codes (srvlb colours its text log even when stderr is a pipe),
@@ -417,17 +429,19 @@ fn three_hundred_records_arrive_over_tcp_after_truncation() {
     assert_eq!(who_answers(lb.listen).expect("connect"), "big");
     // The UDP answer was truncated, so each lookup is (at least) a UDP and a TCP query.
     assert!(dns.server.queries(SRV_NAME) >= 2);
-    // One summary line, not one per backend.
-    assert_eq!(
-        lb.srvlb.count_log("backends changed"),
-        1,
-        "{:?}",
-        lb.srvlb.log()
+    // Summary lines with counts, never one line per backend: 300 backends, a handful of
+    // lines in all (listening, ready, the change).
+    let log = plain_log(&lb);
+    assert!(
+        log.len() < 30,
+        "{} log lines:\n{}",
+        log.len(),
+        log.join("\n")
     );
     assert!(
-        logged(&lb, &["backends changed", "added=300", "backends=300"]),
-        "{:?}",
-        plain_log(&lb)
+        logged(&lb, &["backends changed", "backends=300"]),
+        "{}",
+        log.join("\n")
     );
 }
 
@@ -667,10 +681,9 @@ fn absent_empties_only_after_the_hold(make_absent: impl FnOnce(&Dns)) {
     // No backend: clients are closed at once, and counted.
     let before = lb.metric("srvlb_service_no_backend_total");
     for i in 0..3 {
-        assert!(
-            closed_at_once(lb.listen),
-            "client {i} was not closed at once"
-        );
+        if let Err(e) = closed_at_once(lb.listen) {
+            panic!("client {i} was not closed at once: {e}");
+        }
     }
     assert!(lb.metric("srvlb_service_no_backend_total") >= before + 3);
 
@@ -748,10 +761,9 @@ fn starts_with_a_failing_dns_closes_clients_then_serves_when_it_recovers() {
     lb.srvlb
         .wait_log("first DNS lookup failed", Duration::from_secs(10));
     for i in 0..3 {
-        assert!(
-            closed_at_once(lb.listen),
-            "client {i} was not closed at once"
-        );
+        if let Err(e) = closed_at_once(lb.listen) {
+            panic!("client {i} was not closed at once: {e}");
+        }
     }
     assert!(lb.metric("srvlb_service_no_backend_total") >= 3);
     assert!(lb.stale());
