@@ -14,8 +14,9 @@ use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig as HickoryConfig,
     ResolverOpts,
 };
-use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use parking_lot::Mutex;
 use rand::Rng;
@@ -105,6 +106,20 @@ pub enum Answer {
     Failed(String),
 }
 
+/// Says whether a lookup error is the server's authoritative "nothing here": NXDOMAIN, or
+/// NOERROR with an empty answer (NODATA). Only those may (after the hold) empty a pool;
+/// every other error (SERVFAIL, REFUSED, timeout, network) says nothing about the service.
+fn absence(e: &NetError) -> Option<&'static str> {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(no)) => match no.response_code {
+            ResponseCode::NXDomain => Some("NXDOMAIN"),
+            ResponseCode::NoError => Some("no SRV records (NODATA)"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Performs one SRV lookup of `name` and resolves its targets. `known` holds the addresses
 /// of targets from earlier answers, used when a target's own lookup fails transiently.
 pub async fn lookup_srv(
@@ -114,9 +129,10 @@ pub async fn lookup_srv(
 ) -> Answer {
     let lookup = match resolver.lookup(absolute(name), RecordType::SRV).await {
         Ok(lookup) => lookup,
-        Err(e) if e.is_nx_domain() => return Answer::Absent("NXDOMAIN"),
-        Err(e) if e.is_no_records_found() => return Answer::Absent("no SRV records"),
-        Err(e) => return Answer::Failed(e.to_string()),
+        Err(e) => match absence(&e) {
+            Some(why) => return Answer::Absent(why),
+            None => return Answer::Failed(e.to_string()),
+        },
     };
     let mut ttl = u32::MAX;
     let mut records = Vec::new();
@@ -157,7 +173,9 @@ pub async fn lookup_srv(
                         }
                         found.iter().collect()
                     }
-                    Err(e) if e.is_no_records_found() => {
+                    // The target authoritatively has no address: it gives no backend (the
+                    // damping rule still guards against losing most of them at once).
+                    Err(e) if absence(&e).is_some() => {
                         debug!(target = %target, error = %e, "SRV target has no address");
                         Vec::new()
                     }
@@ -209,8 +227,8 @@ pub fn static_endpoints(statics: &[SocketAddr]) -> Vec<Endpoint> {
         .collect()
 }
 
-/// Refresh interval from a TTL: clamped to `[min_refresh, max_refresh]`, then shortened by up
-/// to 10% at random so that a fleet of instances does not query in lock-step.
+/// Refresh interval from a TTL: clamped to `[min_refresh, max_refresh]`, then moved by up to
+/// 10% at random so that a fleet of instances does not query in lock-step.
 pub fn refresh_interval<R: Rng + ?Sized>(
     ttl: u32,
     settings: &ResolverConfig,
@@ -218,18 +236,114 @@ pub fn refresh_interval<R: Rng + ?Sized>(
 ) -> Duration {
     let clamped =
         Duration::from_secs(u64::from(ttl)).clamp(settings.min_refresh, settings.max_refresh);
-    let jittered = clamped.mul_f64(rng.random_range(0.9..=1.0));
-    jittered.max(settings.min_refresh)
+    jitter(clamped, settings, rng)
 }
 
 /// Retry delay after the `failures`-th failed lookup in a row: doubling from min_refresh,
-/// never above max_refresh.
-pub fn failure_backoff(failures: u32, settings: &ResolverConfig) -> Duration {
+/// never above max_refresh, jittered like refreshes (a fleet that lost its DNS server
+/// together must not come back in lock-step).
+pub fn failure_backoff<R: Rng + ?Sized>(
+    failures: u32,
+    settings: &ResolverConfig,
+    rng: &mut R,
+) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
-    settings
+    let base = settings
         .min_refresh
         .saturating_mul(factor)
-        .clamp(settings.min_refresh, settings.max_refresh)
+        .clamp(settings.min_refresh, settings.max_refresh);
+    jitter(base, settings, rng)
+}
+
+/// Moves `base` (already within the bounds) by up to 10% without leaving
+/// `[min_refresh, max_refresh]`: shorter when there is room above min_refresh, otherwise
+/// longer. The common case of short TTLs clamped up to min_refresh therefore still spreads
+/// a fleet's queries instead of putting them all exactly min_refresh apart.
+fn jitter<R: Rng + ?Sized>(base: Duration, settings: &ResolverConfig, rng: &mut R) -> Duration {
+    let span = base / 10;
+    let (low, high) = if base.saturating_sub(span) >= settings.min_refresh {
+        (base - span, base)
+    } else {
+        (base, (base + span).min(settings.max_refresh))
+    };
+    if high <= low {
+        return low;
+    }
+    low + (high - low).mul_f64(rng.random_range(0.0..=1.0))
+}
+
+/// How often discovery looks at which tier new connections would use. Tier switches happen
+/// at selection time (health ejects a whole tier), not on DNS refreshes, so they are
+/// sampled; one snapshot load and a scan of the backends' atomics per second is cheap.
+const TIER_CHECK: Duration = Duration::from_secs(1);
+/// At most one tier-switch line per service this often; a flapping tier is summarised by
+/// the `switches` count of the next line instead of one line per flip.
+const TIER_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Detects and logs (rate-limited) changes of the tier new connections use.
+#[derive(Debug, Default)]
+struct TierWatch {
+    /// Priority of the active tier as last logged (`None` inside = no usable tier);
+    /// `None` outside = nothing observed yet.
+    logged: Option<Option<u16>>,
+    /// Priority seen at the previous check, to count flips between two log lines.
+    seen: Option<Option<u16>>,
+    switches: u32,
+    last_log: Option<Instant>,
+}
+
+impl TierWatch {
+    fn check(&mut self, service: &str, pool: &Pool) {
+        let snapshot = pool.snapshot();
+        let now = now_ms();
+        let active = snapshot
+            .active_tier(now)
+            .map(|i| snapshot.tiers[i].priority);
+        let Some(logged) = self.logged else {
+            // The first observation is the baseline: "backends changed" already said it.
+            self.logged = Some(active);
+            self.seen = Some(active);
+            return;
+        };
+        if self.seen != Some(active) {
+            self.seen = Some(active);
+            self.switches = self.switches.saturating_add(1);
+        }
+        if logged == active
+            || self
+                .last_log
+                .is_some_and(|at| at.elapsed() < TIER_LOG_INTERVAL)
+        {
+            return;
+        }
+        let (usable, in_tier) = active
+            .and_then(|p| snapshot.tiers.iter().find(|t| t.priority == p))
+            .map(|t| {
+                let usable = t
+                    .backends
+                    .iter()
+                    .filter(|b| b.health.is_available(now))
+                    .count();
+                (usable, t.backends.len())
+            })
+            .unwrap_or((0, 0));
+        let from = logged.map_or_else(|| "none".to_owned(), |p| p.to_string());
+        let to = active.map_or_else(|| "none".to_owned(), |p| p.to_string());
+        // Falling back (to a larger priority value or to none) is the alarming direction.
+        let fallback = match (logged, active) {
+            (Some(old), Some(new)) => new > old,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if fallback {
+            warn!(service, from_priority = %from, to_priority = %to, usable, backends = in_tier, switches = self.switches, "tier switch: preferred tier has no usable backend");
+        } else {
+            info!(service, from_priority = %from, to_priority = %to, usable, backends = in_tier, switches = self.switches, "tier switch: traffic returns to a preferred tier");
+        }
+        self.logged = Some(active);
+        self.switches = 0;
+        self.last_log = Some(Instant::now());
+    }
 }
 
 /// The refresh loop of one service. Runs until `shutdown` flips to true.
@@ -250,6 +364,9 @@ pub struct Discovery {
     /// Since when the registry has said "absent" (NXDOMAIN / empty / ".").
     absent_since: Option<Instant>,
     consecutive_failures: u32,
+    /// Whether any lookup has answered yet (start-up failures get their own log line).
+    answered: bool,
+    tier_watch: TierWatch,
 }
 
 impl Discovery {
@@ -273,21 +390,35 @@ impl Discovery {
             pending: None,
             absent_since: None,
             consecutive_failures: 0,
+            answered: false,
+            tier_watch: TierWatch::default(),
         }
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         self.publish();
+        let mut tier_tick = tokio::time::interval(TIER_CHECK);
+        tier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Some(srv) = self.srv.clone() else {
-            // Static backends only: nothing to refresh.
+            // Static backends only: nothing to refresh, but health can still switch tiers.
             self.status.succeed();
-            return;
+            loop {
+                tokio::select! {
+                    _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
         };
         loop {
             let delay = self.refresh(&srv).await;
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
+            let next = tokio::time::sleep(delay);
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    _ = &mut next => break,
+                    _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
             }
         }
     }
@@ -298,45 +429,66 @@ impl Discovery {
         let mut rng = rand::rng();
         match answer {
             Answer::Found { endpoints, ttl } => {
+                self.answered = true;
                 self.consecutive_failures = 0;
                 if self.status.succeed() {
                     info!(service = %self.service, srv, backends = endpoints.len(), "DNS lookups recovered");
                 }
                 if self.absent_since.take().is_some() {
-                    info!(service = %self.service, srv, "SRV records are back; empty hold cancelled");
+                    info!(service = %self.service, srv, backends = endpoints.len(), "SRV records are back; empty hold cancelled");
                 }
                 self.remember_addresses(&endpoints);
                 self.accept_answer(endpoints);
                 refresh_interval(ttl, &self.settings, &mut rng)
             }
             Answer::Absent(why) => {
+                self.answered = true;
                 self.consecutive_failures = 0;
-                self.status.succeed();
-                let since = *self.absent_since.get_or_insert_with(Instant::now);
+                if self.status.succeed() {
+                    info!(service = %self.service, srv, reason = why, "DNS lookups recovered");
+                }
+                // A pending large removal is moot: the hold below decides what happens.
+                self.pending = None;
+                let hold = self.settings.empty_hold;
+                let since = match self.absent_since {
+                    Some(since) => since,
+                    None => {
+                        let now = Instant::now();
+                        self.absent_since = Some(now);
+                        if self.current.is_empty() {
+                            warn!(service = %self.service, srv, reason = why, "service absent from DNS; no SRV backends");
+                        } else {
+                            warn!(service = %self.service, srv, reason = why, backends = self.current.len(), hold_ms = hold.as_millis() as u64, "service absent from DNS; keeping the last backends during the hold");
+                        }
+                        now
+                    }
+                };
                 let held = since.elapsed();
-                if held >= self.settings.empty_hold {
+                if held >= hold {
                     if !self.current.is_empty() {
-                        warn!(service = %self.service, srv, reason = why, held_secs = held.as_secs(), "service absent from DNS; emptying its SRV backends");
+                        warn!(service = %self.service, srv, reason = why, held_ms = held.as_millis() as u64, backends = self.current.len(), "empty hold elapsed; removing the service's SRV backends");
                         self.current.clear();
-                        self.pending = None;
                         self.publish();
                     }
                     return refresh_interval(0, &self.settings, &mut rng);
                 }
-                if !self.current.is_empty() {
-                    warn!(service = %self.service, srv, reason = why, hold_secs = self.settings.empty_hold.as_secs(), "service absent from DNS; keeping the last backends during the hold");
-                }
-                let remaining = self.settings.empty_hold.saturating_sub(held);
+                // Look again at min_refresh, and no later than the end of the hold, so that
+                // the pool empties on time (or the hold is cancelled as soon as DNS says so).
+                let remaining = hold.saturating_sub(held);
                 refresh_interval(0, &self.settings, &mut rng)
                     .min(remaining.max(Duration::from_millis(50)))
             }
             Answer::Failed(why) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                let delay = failure_backoff(self.consecutive_failures, &self.settings);
-                if self.status.fail(why.clone()) {
-                    warn!(service = %self.service, srv, error = %why, backends = self.current.len(), retry_ms = delay.as_millis() as u64, "DNS lookup failed; serving the last known backends (stale)");
+                let delay = failure_backoff(self.consecutive_failures, &self.settings, &mut rng);
+                let first = self.status.fail(why.clone());
+                let retry_ms = delay.as_millis() as u64;
+                if !self.answered && first {
+                    warn!(service = %self.service, srv, error = %why, retry_ms, "first DNS lookup failed; listening anyway, clients are closed at once until backends appear");
+                } else if first {
+                    warn!(service = %self.service, srv, error = %why, backends = self.current.len(), retry_ms, "DNS lookup failed; serving the last known backends (stale)");
                 } else {
-                    debug!(service = %self.service, srv, error = %why, "DNS lookup failed again");
+                    debug!(service = %self.service, srv, error = %why, retry_ms, "DNS lookup failed again");
                 }
                 delay
             }
@@ -359,7 +511,9 @@ impl Discovery {
     fn accept_answer(&mut self, mut endpoints: Vec<Endpoint>) {
         endpoints.sort_by(|a, b| (&a.target, a.port, a.addr).cmp(&(&b.target, b.port, b.addr)));
         if endpoints == self.current {
-            self.pending = None;
+            if self.pending.take().is_some() {
+                info!(service = %self.service, backends = endpoints.len(), "damping: the large removal was not confirmed; nothing removed");
+            }
             return;
         }
         let removed = self
@@ -369,11 +523,11 @@ impl Discovery {
             .count();
         if removed * 2 > self.current.len() && !self.current.is_empty() {
             if self.pending.as_ref() != Some(&endpoints) {
-                warn!(service = %self.service, removed, of = self.current.len(), "answer would remove more than half of the backends; waiting for the next lookup to confirm");
+                warn!(service = %self.service, removed, of = self.current.len(), "damping: answer would remove more than half of the backends; waiting for the next lookup to confirm");
                 self.pending = Some(endpoints);
                 return;
             }
-            info!(service = %self.service, removed, "large removal confirmed by a second lookup");
+            info!(service = %self.service, removed, of = self.current.len(), "damping: large removal confirmed by a second lookup; applying it");
         }
         self.pending = None;
         self.current = endpoints;
@@ -418,35 +572,50 @@ mod tests {
         }
     }
 
+    fn within(d: Duration, low_ms: u64, high_ms: u64) -> bool {
+        d >= Duration::from_millis(low_ms) && d <= Duration::from_millis(high_ms)
+    }
+
     #[test]
-    fn refresh_interval_clamps_and_jitters_down_at_most_ten_percent() {
+    fn refresh_interval_clamps_and_jitters_at_most_ten_percent() {
         let s = settings();
         let mut rng = rand::rng();
         for _ in 0..1000 {
             let d = refresh_interval(30, &s, &mut rng);
-            assert!(
-                d >= Duration::from_secs(27) && d <= Duration::from_secs(30),
-                "{d:?}"
-            );
+            assert!(within(d, 27_000, 30_000), "{d:?}");
+            // Below min_refresh: clamped up, jittered upwards (never faster than min_refresh).
             let low = refresh_interval(0, &s, &mut rng);
-            assert_eq!(low, Duration::from_secs(1));
+            assert!(within(low, 1_000, 1_100), "{low:?}");
             let high = refresh_interval(86_400, &s, &mut rng);
-            assert!(
-                high >= Duration::from_secs(54) && high <= Duration::from_secs(60),
-                "{high:?}"
-            );
+            assert!(within(high, 54_000, 60_000), "{high:?}");
         }
-        let spread: std::collections::HashSet<u128> = (0..100)
-            .map(|_| refresh_interval(30, &s, &mut rng).as_millis())
-            .collect();
-        assert!(spread.len() > 10, "no jitter: {spread:?}");
+        for ttl in [0, 30] {
+            let spread: std::collections::HashSet<u128> = (0..100)
+                .map(|_| refresh_interval(ttl, &s, &mut rng).as_millis())
+                .collect();
+            assert!(spread.len() > 10, "no jitter at ttl {ttl}: {spread:?}");
+        }
+        // min_refresh == max_refresh leaves no room: exactly that interval.
+        let mut fixed = settings();
+        fixed.max_refresh = fixed.min_refresh;
+        assert_eq!(refresh_interval(30, &fixed, &mut rng), fixed.min_refresh);
     }
 
     #[test]
     fn failure_backoff_doubles_within_bounds() {
         let s = settings();
-        let got: Vec<u64> = (1..=8).map(|n| failure_backoff(n, &s).as_secs()).collect();
-        assert_eq!(got, [1, 2, 4, 8, 16, 32, 60, 60]);
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let got: Vec<Duration> = (1..=8).map(|n| failure_backoff(n, &s, &mut rng)).collect();
+            let want = [1, 2, 4, 8, 16, 32, 60, 60];
+            for (d, w) in got.iter().zip(want) {
+                let w = w * 1000;
+                // Never faster than min_refresh, never slower than max_refresh, within 10% of
+                // the doubled delay.
+                assert!(within(*d, w * 9 / 10, (w * 11 / 10).min(60_000)), "{got:?}");
+                assert!(within(*d, 1_000, 60_000), "{got:?}");
+            }
+        }
     }
 
     #[test]
@@ -454,5 +623,119 @@ mod tests {
         let eps = static_endpoints(&["127.0.0.1:80".parse().expect("addr")]);
         assert_eq!(eps[0].priority, STATIC_PRIORITY);
         assert_eq!(eps[0].weight, 1);
+    }
+
+    fn ep(target: &str, last: u8) -> Endpoint {
+        Endpoint {
+            target: target.to_owned(),
+            port: 80,
+            addr: SocketAddr::from(([127, 0, 0, last], 80)),
+            priority: 10,
+            weight: 1,
+        }
+    }
+
+    fn discovery(pool: &Arc<Pool>) -> Discovery {
+        let mut cfg = settings();
+        // Never queried: the tests below feed answers straight to `accept_answer`.
+        cfg.nameservers = vec!["127.0.0.1:9".parse().expect("addr")];
+        let resolver = Arc::new(build_resolver(&cfg).expect("resolver"));
+        Discovery {
+            service: "svc".to_owned(),
+            srv: Some("_x._tcp.test.".to_owned()),
+            statics: Vec::new(),
+            resolver,
+            settings: cfg,
+            pool: Arc::clone(pool),
+            status: Arc::new(DiscoveryStatus::default()),
+            known_addresses: HashMap::new(),
+            current: Vec::new(),
+            pending: None,
+            absent_since: None,
+            consecutive_failures: 0,
+            answered: false,
+            tier_watch: TierWatch::default(),
+        }
+    }
+
+    fn served(pool: &Pool) -> Vec<String> {
+        let mut names: Vec<String> = pool
+            .snapshot()
+            .iter()
+            .map(|(_, b)| b.key.target.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn damping_applies_a_large_removal_only_when_confirmed() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
+        d.accept_answer(full.clone());
+        assert_eq!(served(&pool), ["a.", "b.", "c."]);
+        // Removing 2 of 3 is held back...
+        d.accept_answer(vec![ep("a.", 1)]);
+        assert_eq!(served(&pool), ["a.", "b.", "c."]);
+        // ...and applied when the next lookup says the same.
+        d.accept_answer(vec![ep("a.", 1)]);
+        assert_eq!(served(&pool), ["a."]);
+        // Removing exactly half (1 of 2) is not "more than half": applied at once.
+        d.accept_answer(vec![ep("a.", 1), ep("b.", 2)]);
+        d.accept_answer(vec![ep("b.", 2)]);
+        assert_eq!(served(&pool), ["b."]);
+    }
+
+    #[tokio::test]
+    async fn damping_forgets_a_one_off_broken_answer() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
+        d.accept_answer(full.clone());
+        let generation = pool.snapshot().generation;
+        d.accept_answer(vec![ep("c.", 3)]);
+        // The full answer again, in another order: nothing changes, nothing drains.
+        let mut reordered = full.clone();
+        reordered.reverse();
+        d.accept_answer(reordered);
+        assert!(d.pending.is_none());
+        assert_eq!(pool.snapshot().generation, generation);
+        // A later broken answer must again wait for confirmation (the old one was forgotten).
+        d.accept_answer(vec![ep("c.", 3)]);
+        assert_eq!(served(&pool), ["a.", "b.", "c."]);
+        assert!(
+            pool.states()
+                .iter()
+                .all(|(_, _, _, s)| s.label() != "draining")
+        );
+    }
+
+    #[test]
+    fn only_nxdomain_and_nodata_mean_absent() {
+        use hickory_resolver::net::NoRecords;
+        use hickory_resolver::proto::op::Query;
+        let no = |code| {
+            NetError::Dns(DnsError::NoRecordsFound(NoRecords::new(
+                Query::default(),
+                code,
+            )))
+        };
+        assert_eq!(absence(&no(ResponseCode::NXDomain)), Some("NXDOMAIN"));
+        assert!(absence(&no(ResponseCode::NoError)).is_some());
+        assert_eq!(absence(&no(ResponseCode::ServFail)), None);
+        assert_eq!(
+            absence(&NetError::Dns(DnsError::ResponseCode(
+                ResponseCode::ServFail
+            ))),
+            None
+        );
+        assert_eq!(
+            absence(&NetError::Dns(DnsError::ResponseCode(
+                ResponseCode::Refused
+            ))),
+            None
+        );
+        assert_eq!(absence(&NetError::Timeout), None);
     }
 }

@@ -364,8 +364,12 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     .expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
-    match response.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_owned(),
-        None => panic!("malformed HTTP response: {response:?}"),
-    }
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("malformed HTTP response: {response:?}"));
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET {path} failed: {head}"
+    );
+    body.to_owned()
 }
