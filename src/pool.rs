@@ -238,7 +238,9 @@ pub struct Pool {
 #[derive(Debug, Default)]
 struct Members {
     current: HashMap<BackendKey, (Arc<Backend>, u16, u16)>,
-    draining: Vec<Arc<Backend>>,
+    /// Removed backends with the priority and weight they last had, until their
+    /// connections end.
+    draining: Vec<(Arc<Backend>, u16, u16)>,
     generation: u64,
 }
 
@@ -290,10 +292,10 @@ impl Pool {
                     }
                     Arc::clone(backend)
                 }
-                None => match members.draining.iter().position(|b| b.key == key) {
+                None => match members.draining.iter().position(|(b, _, _)| b.key == key) {
                     // Came back before its connections drained: same backend, same counters.
                     Some(i) => {
-                        let b = members.draining.swap_remove(i);
+                        let (b, _, _) = members.draining.swap_remove(i);
                         b.removed.store(false, Ordering::Relaxed);
                         change.added += 1;
                         b
@@ -309,15 +311,15 @@ impl Pool {
         let Members {
             current, draining, ..
         } = &mut *members;
-        for (key, (backend, _, _)) in current.iter() {
+        for (key, (backend, priority, weight)) in current.iter() {
             if !next.contains_key(key) {
                 change.removed += 1;
                 backend.removed.store(true, Ordering::Relaxed);
-                draining.push(Arc::clone(backend));
+                draining.push((Arc::clone(backend), *priority, *weight));
             }
         }
         change.total = next.len();
-        members.draining.retain(|b| b.active() > 0);
+        members.draining.retain(|(b, _, _)| b.active() > 0);
         if change.is_noop() && members.generation > 0 {
             members.current = next;
             return Ok(change);
@@ -350,12 +352,12 @@ impl Pool {
             }
         }
         let mut members = self.members.lock();
-        members.draining.retain(|b| b.active() > 0);
-        for b in &members.draining {
+        members.draining.retain(|(b, _, _)| b.active() > 0);
+        for (b, priority, weight) in &members.draining {
             let state = BackendState::Draining {
                 connections: b.active(),
             };
-            out.push((Arc::clone(b), 0, 0, state));
+            out.push((Arc::clone(b), *priority, *weight, state));
         }
         out
     }
@@ -447,7 +449,9 @@ mod tests {
         assert!(
             states
                 .iter()
-                .any(|(b, _, _, s)| b.key == backend_a.key && s.label() == "draining")
+                .any(|(b, priority, weight, s)| b.key == backend_a.key
+                    && s.label() == "draining"
+                    && (*priority, *weight) == (20, 1))
         );
         assert_eq!(pool.snapshot().backend_count(), 1);
         // It comes back: same backend object, no longer removed.
