@@ -399,16 +399,53 @@ impl Drop for Named {
 /// needs a concurrent bind to hit the same port in that short window: rare.
 pub fn free_port() -> io::Result<u16> {
     let mut last_err = None;
-    for _ in 0..20 {
-        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let port = udp.local_addr()?.port();
-        // The UDP port may be in use for TCP by someone else: then try another one.
+    for attempt in 0..50u64 {
+        let port = port_below_ephemeral_range(attempt);
+        // Free for both UDP and TCP right now.
+        let _udp = match UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) {
+            Ok(udp) => udp,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
         match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
             Ok(_tcp) => return Ok(port),
             Err(e) => last_err = Some(e),
         }
     }
     Err(last_err.unwrap_or_else(|| io::Error::other("no free port")))
+}
+
+/// A port below the kernel's ephemeral range. A port the kernel hands out for outgoing
+/// connections (as `bind(:0)` does) can be taken by one of the many client sockets a test
+/// opens while named is stopped, and named's restart on that port then fails with "address
+/// in use"; ports below the range are never handed out implicitly.
+fn port_below_ephemeral_range(attempt: u64) -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (low.saturating_sub(8_000).max(1024), low)
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 20)
+        ^ attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let span = u64::from(to - from).max(1);
+    from + (splitmix(seed) % span) as u16
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// The project's rule for tests that need an external tool that is missing: skip with a

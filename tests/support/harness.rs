@@ -11,12 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, below the ephemeral range so that no
+/// client socket of the test takes it before srvlb binds it (see `bind::free_port`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    super::bind::free_port().expect("a free port")
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -194,7 +192,11 @@ pub struct TestBackend {
 
 impl TestBackend {
     pub fn start(name: &str, mode: Mode) -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        // Below the ephemeral range, so a test that restarts the backend on its old port
+        // (`start_on`) never finds it taken by one of its own client sockets.
+        let listener = (0..20)
+            .find_map(|_| TcpListener::bind(("127.0.0.1", free_port())).ok())
+            .expect("bind backend");
         Self::serve(name, listener, mode)
     }
 
