@@ -17,70 +17,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::dns::{Failure, Srv, TestDns};
+use support::dns::{Failure, Srv};
 use support::harness::{
-    Mode, Srvlb, TestBackend, eventually, free_port, http_get, temp_dir, who_answers,
+    Dns, Mode, SRV_NAME, Srvlb, TestBackend, eventually, free_port, http_get, srv_host, temp_dir,
+    who_answers,
 };
 
-const SRV_NAME: &str = "_app._tcp.srvlb.test.";
 const SERVICE: &str = "app";
-
-struct Dns {
-    runtime: tokio::runtime::Runtime,
-    server: TestDns,
-}
-
-impl Dns {
-    fn start() -> Dns {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime.block_on(TestDns::start()).expect("dns server");
-        Dns { runtime, server }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.addr()
-    }
-
-    /// Publishes `backends` (priority, weight) under SRV_NAME, TTL 1 s, each target
-    /// `<name>.srvlb.test.` with A 127.0.0.1.
-    fn publish(&self, backends: &[(&TestBackend, u16, u16)]) {
-        self.publish_on(SRV_NAME, 1, backends);
-    }
-
-    fn publish_on(&self, srv: &str, ttl: u32, backends: &[(&TestBackend, u16, u16)]) {
-        let mut records = Vec::new();
-        for (b, priority, weight) in backends {
-            let host = host(&b.name);
-            self.server
-                .set_addrs(&host, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-            records.push(Srv {
-                priority: *priority,
-                weight: *weight,
-                port: b.port(),
-                target: host,
-            });
-        }
-        self.server.set_srv(srv, ttl, &records);
-    }
-
-    fn shutdown(&self) {
-        self.runtime.block_on(self.server.shutdown());
-    }
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn host(name: &str) -> String {
-    format!("{name}.srvlb.test.")
-}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -240,34 +183,9 @@ fn closed_at_once(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// The log without ANSI colour codes (srvlb colours its text log even when stderr is a pipe),
-/// so that `key=value` fields can be matched.
-fn plain_log(lb: &Lb) -> Vec<String> {
+fn logged(lb: &Lb, needles: &[&str]) -> bool {
     lb.srvlb
         .log()
-        .iter()
-        .map(|line| {
-            let mut out = String::with_capacity(line.len());
-            let mut chars = line.chars();
-            while let Some(c) = chars.next() {
-                if c == '\u{1b}' {
-                    // CSI: ESC '[' parameters, ended by a letter.
-                    for c in chars.by_ref() {
-                        if c.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        })
-        .collect()
-}
-
-fn logged(lb: &Lb, needles: &[&str]) -> bool {
-    plain_log(lb)
         .iter()
         .any(|l| needles.iter().all(|n| l.contains(n)))
 }
@@ -365,7 +283,7 @@ fn targets_with_several_addresses_and_ipv6_without_additional_section() {
     dns.server.set_additional(false);
     let v4 = TestBackend::start("v4", Mode::Identify);
     let v6 = Greeter::start(SocketAddr::from((Ipv6Addr::LOCALHOST, v4.port())), "v6");
-    let dual = host("dual");
+    let dual = srv_host("dual");
     dns.server.set_addrs(
         &dual,
         1,
@@ -411,7 +329,7 @@ fn three_hundred_records_arrive_over_tcp_after_truncation() {
     let b = TestBackend::start("big", Mode::Identify);
     let records: Vec<Srv> = (0..300)
         .map(|i| {
-            let target = host(&format!("t{i}"));
+            let target = srv_host(&format!("t{i}"));
             dns.server
                 .set_addrs(&target, 60, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
             Srv {
@@ -431,7 +349,7 @@ fn three_hundred_records_arrive_over_tcp_after_truncation() {
     assert!(dns.server.queries(SRV_NAME) >= 2);
     // Summary lines with counts, never one line per backend: 300 backends, a handful of
     // lines in all (listening, ready, the change).
-    let log = plain_log(&lb);
+    let log = lb.srvlb.log();
     assert!(
         log.len() < 30,
         "{} log lines:\n{}",
@@ -456,7 +374,7 @@ fn a_target_without_address_gives_no_backend() {
         priority: 10,
         weight: 10,
         port: b[0].port(),
-        target: host("ghost"), // never given an A or AAAA record: NXDOMAIN
+        target: srv_host("ghost"), // never given an A or AAAA record: NXDOMAIN
     };
     let mut records: Vec<Srv> = [&b[0], &b[1]]
         .iter()
@@ -464,7 +382,7 @@ fn a_target_without_address_gives_no_backend() {
             priority: 10,
             weight: 10,
             port: t.port(),
-            target: host(&t.name),
+            target: srv_host(&t.name),
         })
         .collect();
     records.push(ghost.clone());
@@ -472,7 +390,7 @@ fn a_target_without_address_gives_no_backend() {
     let lb = start_lb(&dns, "p2c", FAST, "");
     lb.wait_serving(&["b1", "b2"], Duration::from_secs(15));
     assert_eq!(lb.backends().len(), 2, "{:?}", lb.backends());
-    assert!(dns.server.queries(&host("ghost")) > 0);
+    assert!(dns.server.queries(&srv_host("ghost")) > 0);
 
     dns.server.set_srv(SRV_NAME, 1, &[ghost]);
     lb.srvlb.wait_log(
@@ -805,7 +723,7 @@ fn check_resolve_prints_what_each_service_would_use() {
     for (backend, priority, weight) in [(&b[0], 10, 5), (&b[1], 20, 0)] {
         let line = out
             .lines()
-            .find(|l| l.contains(&format!("{}:{}", host(&backend.name), backend.port())))
+            .find(|l| l.contains(&format!("{}:{}", srv_host(&backend.name), backend.port())))
             .unwrap_or_else(|| panic!("{} missing:\n{out}", backend.name));
         assert!(line.contains(&format!("priority {priority} ")), "{line}");
         assert!(line.contains(&format!("weight {weight} ")), "{line}");
@@ -858,7 +776,7 @@ fn reordered_answers_change_nothing_and_reweighting_keeps_counters() {
             &["backends changed", "reweighted=1", "added=0", "removed=0"]
         ),
         "{:?}",
-        plain_log(&lb)
+        lb.srvlb.log()
     );
     assert_eq!(lb.backend("b1.srvlb.test.")["weight"], 30);
     assert!(connections(&lb) >= before, "counters were reset");
@@ -891,7 +809,7 @@ fn removing_more_than_half_waits_for_a_confirming_lookup() {
     assert!(
         logged(&lb, &["backends changed", "removed=2", "backends=1"]),
         "{:?}",
-        plain_log(&lb)
+        lb.srvlb.log()
     );
 }
 

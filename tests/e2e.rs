@@ -5,62 +5,14 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use support::dns::{Srv, TestDns};
 use support::harness::{
-    Mode, Srvlb, TestBackend, eventually, free_port, who_answers, who_answers_from,
+    Dns, Mode, SRV_NAME, Srvlb, TestBackend, eventually, free_port, who_answers, who_answers_from,
 };
-
-const SRV_NAME: &str = "_app._tcp.srvlb.test.";
-
-/// An in-process DNS server publishing `backends` under SRV_NAME (each target bN.srvlb.test.).
-struct Dns {
-    runtime: tokio::runtime::Runtime,
-    server: TestDns,
-}
-
-impl Dns {
-    fn start() -> Dns {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime.block_on(TestDns::start()).expect("dns server");
-        Dns { runtime, server }
-    }
-
-    /// Publishes the backends (priority, weight) with a TTL of 1 s.
-    fn publish(&self, backends: &[(&TestBackend, u16, u16)]) {
-        let mut records = Vec::new();
-        for (b, priority, weight) in backends {
-            let host = format!("{}.srvlb.test.", b.name);
-            self.server
-                .set_addrs(&host, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-            records.push(Srv {
-                priority: *priority,
-                weight: *weight,
-                port: b.port(),
-                target: host,
-            });
-        }
-        self.server.set_srv(SRV_NAME, 1, &records);
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.addr()
-    }
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        self.runtime.block_on(self.server.shutdown());
-    }
-}
 
 fn config(dns: SocketAddr, services: &str) -> String {
     format!(

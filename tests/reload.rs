@@ -40,29 +40,6 @@ fn config(services: &[String]) -> String {
     format!("[global]\nshutdown_grace = \"5s\"\n{}", services.concat())
 }
 
-/// The log without ANSI colour codes, so field matches like `listen=...` work either way.
-fn plain_log(srvlb: &Srvlb) -> Vec<String> {
-    srvlb.log().iter().map(|l| strip_ansi(l)).collect()
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI sequence: ESC '[' parameters final-byte (a letter).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn connect(port: u16) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr(port), Duration::from_secs(5))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -316,7 +293,7 @@ fn a_refused_reload_keeps_the_old_config_and_logs_what_check_prints() {
         "check names file:line: {check}"
     );
     assert_eq!(check.lines().count(), 1, "one-line error: {check}");
-    let logged = plain_log(&srvlb);
+    let logged = srvlb.log();
     assert!(
         logged
             .iter()
@@ -386,7 +363,7 @@ fn a_listener_added_and_one_removed_change_nothing_else() {
     finish(on_removed).expect("removed closes cleanly");
 
     // The kept address was bound once, at start: its socket was never replaced.
-    let log = plain_log(&srvlb);
+    let log = srvlb.log();
     let bound = |port: u16| {
         let field = format!("listen=127.0.0.1:{port}");
         log.iter()

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -374,4 +375,69 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
         "GET {path} failed: {head}"
     );
     body.to_owned()
+}
+
+/// The SRV name the in-process DNS fixture publishes by default.
+pub const SRV_NAME: &str = "_app._tcp.srvlb.test.";
+
+/// The host name a test backend is published under: `<name>.srvlb.test.`
+pub fn srv_host(name: &str) -> String {
+    format!("{name}.srvlb.test.")
+}
+
+/// The in-process DNS server on a runtime of its own, for tests written with blocking
+/// sockets. Stops when dropped.
+pub struct Dns {
+    runtime: tokio::runtime::Runtime,
+    pub server: super::dns::TestDns,
+}
+
+impl Dns {
+    pub fn start() -> Dns {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let server = runtime
+            .block_on(super::dns::TestDns::start())
+            .expect("dns server");
+        Dns { runtime, server }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// Publishes `backends` (priority, weight) under SRV_NAME with a TTL of 1 s, each target
+    /// `<name>.srvlb.test.` with A 127.0.0.1.
+    pub fn publish(&self, backends: &[(&TestBackend, u16, u16)]) {
+        self.publish_on(SRV_NAME, 1, backends);
+    }
+
+    pub fn publish_on(&self, srv: &str, ttl: u32, backends: &[(&TestBackend, u16, u16)]) {
+        let mut records = Vec::new();
+        for (b, priority, weight) in backends {
+            let host = srv_host(&b.name);
+            self.server
+                .set_addrs(&host, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+            records.push(super::dns::Srv {
+                priority: *priority,
+                weight: *weight,
+                port: b.port(),
+                target: host,
+            });
+        }
+        self.server.set_srv(srv, ttl, &records);
+    }
+
+    pub fn shutdown(&self) {
+        self.runtime.block_on(self.server.shutdown());
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
