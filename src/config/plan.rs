@@ -78,8 +78,14 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
     if let Some(srv) = &s.srv {
         discovery.push(format!("SRV {srv} via {}", nameservers(config)));
     }
+    // Beside an SRV name, static backends only stand in when no SRV backend is usable.
+    let role = if s.srv.is_some() {
+        " (last resort)"
+    } else {
+        ""
+    };
     for backend in &s.static_backends {
-        discovery.push(format!("static {backend}"));
+        discovery.push(format!("static {backend}{role}"));
     }
     row(out, "discovery", &discovery);
 
