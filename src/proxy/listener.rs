@@ -98,6 +98,10 @@ impl ConnectionTracker {
 pub struct Listener {
     pub addr: SocketAddr,
     service: Arc<ArcSwap<Service>>,
+    /// Ticks after each swap, so an accept loop waiting for a permit of the old service's
+    /// limit (which may never come: the old service can sit at its limit for hours) starts
+    /// over with the new service's.
+    swapped: watch::Sender<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -126,15 +130,18 @@ impl Listener {
     pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {
         let slot = Arc::new(ArcSwap::new(service));
         let (stop, stop_rx) = watch::channel(false);
+        let (swapped, swapped_rx) = watch::channel(());
         let task = tokio::spawn(accept_loop(
             bound.listener,
             Arc::clone(&slot),
             tracker,
+            swapped_rx,
             stop_rx,
         ));
         Listener {
             addr: bound.addr,
             service: slot,
+            swapped,
             stop,
             task,
         }
@@ -146,6 +153,8 @@ impl Listener {
 
     pub fn set_service(&self, service: Arc<Service>) {
         self.service.store(service);
+        // After the store: a loop that sees the tick loads the new service.
+        self.swapped.send_replace(());
     }
 
     /// Stops accepting and closes the socket; open connections are not touched.
@@ -161,21 +170,34 @@ async fn accept_loop(
     listener: TcpListener,
     slot: Arc<ArcSwap<Service>>,
     tracker: ConnectionTracker,
+    mut swapped: watch::Receiver<()>,
     mut stop: watch::Receiver<bool>,
 ) {
     let addr = listener.local_addr().ok();
     let mut backoff = Duration::ZERO;
     loop {
+        // Marked seen before the load, so a swap after the load is never missed.
+        swapped.borrow_and_update();
         let service = slot.load_full();
+        // On a swap, start over: the permit must come from the limit of the service that
+        // will serve the connection (when the name stays, that is the same, resized, limit).
         let permit = tokio::select! {
             permit = Arc::clone(service.limit()).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return, // the semaphore is never closed; nothing sensible to do
             },
+            changed = swapped.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => break, // the Listener was dropped
+            },
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            changed = swapped.changed() => match changed {
+                Ok(()) => continue, // accept is cancel-safe: nothing is lost
+                Err(_) => break,
+            },
             _ = stop.wait_for(|stop| *stop) => break,
         };
         match accepted {
