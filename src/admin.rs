@@ -108,7 +108,15 @@ impl Admin {
         self.addr
     }
 
-    pub fn close(self) {
+    /// Stops serving and closes the socket; the same as dropping it.
+    pub fn close(self) {}
+}
+
+/// A reload that binds a new admin listener and then fails a later step drops it: the
+/// accept task (which owns the socket) must go with it, or the refused config's endpoint
+/// would keep serving and every retry would bind another one beside it (SO_REUSEPORT).
+impl Drop for Admin {
+    fn drop(&mut self) {
         self.task.abort();
     }
 }
@@ -450,4 +458,30 @@ fn status_json(state: &AdminState) -> String {
     let mut text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_the_admin_closes_its_socket() {
+        let state = Arc::new(AdminState::default());
+        let admin = Admin::bind("127.0.0.1:0".parse().expect("addr"), state).expect("bind");
+        let addr = admin.addr();
+        assert!(
+            TcpStream::connect(addr).await.is_ok(),
+            "serving before drop"
+        );
+        drop(admin);
+        // The abort takes effect when the runtime next polls the task.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(addr).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a dropped Admin still accepts on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
