@@ -353,8 +353,14 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
         NotifyState::Stopping,
         NotifyState::Status("stopping: draining connections"),
     ]);
-    server.shutdown(grace).await;
-    info!("srvlb stopped");
+    // A second SIGTERM/SIGINT (`systemctl stop` again, Ctrl-C twice) means "stop now": the
+    // operator has chosen to cut what is left rather than wait out the grace period. The
+    // drain is abandoned; returning ends the runtime, which closes every connection.
+    tokio::select! {
+        () = server.shutdown(grace) => info!("srvlb stopped"),
+        _ = terminate.recv() => warn!("second stop signal (SIGTERM): closing the remaining connections now"),
+        _ = interrupt.recv() => warn!("second stop signal (SIGINT): closing the remaining connections now"),
+    }
     Ok(())
 }
 

@@ -724,3 +724,36 @@ fn a_listener_moved_to_another_service_stops_waiting_for_the_old_limit() {
     finish(second).expect("second closes cleanly");
     finish(first).expect("first closes cleanly");
 }
+
+#[test]
+fn a_second_stop_signal_ends_the_drain_at_once() {
+    let b1 = TestBackend::start("b1", Mode::Echo);
+    let port = free_port();
+    let mut srvlb = Srvlb::start(&format!(
+        "[global]\nshutdown_grace = \"30s\"\n{}",
+        service("main", &[port], &[&b1], "")
+    ));
+    let mut open = connect(port).expect("connect");
+    roundtrip(&mut open, b"before").expect("served");
+    srvlb.signal("TERM");
+    srvlb.wait_log("draining connections", Duration::from_secs(10));
+    assert_eq!(
+        srvlb.wait_exit(Duration::from_millis(500)),
+        None,
+        "the first signal drains: the open connection keeps srvlb running"
+    );
+    srvlb.signal("TERM");
+    let started = Instant::now();
+    // Well under the 30 s grace; the margin is for a loaded machine.
+    assert_eq!(
+        srvlb.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "a second SIGTERM must end the drain and exit 0"
+    );
+    println!(
+        "exited {:.2}s after the second SIGTERM",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(srvlb.log_contains("second stop signal"));
+    drop(open);
+}
