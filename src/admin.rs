@@ -13,12 +13,20 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
 use crate::health::now_ms;
 use crate::pool::BackendState;
 use crate::service::Service;
+
+/// Admin connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+/// The whole exchange, from accept to close. A client that sends a request and never reads
+/// the answer (or reads it a byte a minute) would otherwise hold a task and an fd for good.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the admin endpoint reports, updated by control.
 #[derive(Debug, Default)]
@@ -68,15 +76,27 @@ impl Admin {
         let addr = socket.local_addr()?;
         let listener = TcpListener::from_std(socket)?;
         let task = tokio::spawn(async move {
+            // A permit is taken before accepting, as the proxy listeners do: beyond the cap,
+            // clients wait in the kernel backlog (holding no fd or task of ours) and are
+            // served as soon as a slot frees, at the latest one RESPONSE_TIMEOUT later. Closing
+            // them at once instead would fail a legitimate scrape that happens to arrive
+            // during a flood, and save nothing the backlog does not already bound.
+            let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
             loop {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    return; // never closed
+                };
                 let Ok((stream, _)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    if let Err(e) = respond(stream, &state).await {
-                        debug!(error = %e, "admin request failed");
+                    let _permit = permit;
+                    match tokio::time::timeout(RESPONSE_TIMEOUT, respond(stream, &state)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(error = %e, "admin request failed"),
+                        Err(_) => debug!("admin client too slow; connection closed"),
                     }
                 });
             }
@@ -88,7 +108,15 @@ impl Admin {
         self.addr
     }
 
-    pub fn close(self) {
+    /// Stops serving and closes the socket; the same as dropping it.
+    pub fn close(self) {}
+}
+
+/// A reload that binds a new admin listener and then fails a later step drops it: the
+/// accept task (which owns the socket) must go with it, or the refused config's endpoint
+/// would keep serving and every retry would bind another one beside it (SO_REUSEPORT).
+impl Drop for Admin {
+    fn drop(&mut self) {
         self.task.abort();
     }
 }
@@ -430,4 +458,30 @@ fn status_json(state: &AdminState) -> String {
     let mut text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_the_admin_closes_its_socket() {
+        let state = Arc::new(AdminState::default());
+        let admin = Admin::bind("127.0.0.1:0".parse().expect("addr"), state).expect("bind");
+        let addr = admin.addr();
+        assert!(
+            TcpStream::connect(addr).await.is_ok(),
+            "serving before drop"
+        );
+        drop(admin);
+        // The abort takes effect when the runtime next polls the task.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(addr).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a dropped Admin still accepts on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -15,11 +15,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState};
-use crate::config::{Config, ConfigError, ResolverConfig};
+use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
 use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
-use crate::service::Service;
+use crate::service::{ConnectionLimit, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -152,10 +152,11 @@ impl Server {
                     old.reconfigure(cfg.clone());
                     Arc::clone(old)
                 }
-                None => Service::start(
+                None => Service::start_with_limit(
                     cfg.clone(),
                     Arc::clone(&self.resolver),
                     next.resolver.clone(),
+                    self.connection_limit_for(cfg),
                 ),
             };
             services.insert(cfg.name.clone(), service);
@@ -203,12 +204,11 @@ impl Server {
             old.close().await;
         }
         for (name, old) in std::mem::replace(&mut self.services, services) {
-            let replaced = self
-                .services
-                .get(&name)
-                .is_none_or(|new| !Arc::ptr_eq(new, &old));
-            if replaced {
-                old.retire();
+            match self.services.get(&name) {
+                Some(new) if Arc::ptr_eq(new, &old) => {}
+                // Its connection limit lives on in the replacement.
+                Some(_) => old.retire(),
+                None => old.remove(),
             }
         }
         if let Some(admin) = admin {
@@ -226,6 +226,20 @@ impl Server {
             .set_services(self.services.values().cloned().collect());
         self.config = next;
         Ok(())
+    }
+
+    /// The connection limit for a service started from `cfg`: the running service's of the
+    /// same name, resized, when there is one, so that a limit belongs to the service name
+    /// and not to one discovery source (see [`Service::start_with_limit`]).
+    fn connection_limit_for(&self, cfg: &ServiceConfig) -> Arc<ConnectionLimit> {
+        match self.services.get(&cfg.name) {
+            Some(old) => {
+                let limit = Arc::clone(old.connection_limit());
+                limit.resize(&cfg.name, cfg.max_connections);
+                limit
+            }
+            None => Arc::new(ConnectionLimit::new(cfg.max_connections)),
+        }
     }
 
     /// Stops accepting, waits up to `grace` for open connections, then returns.
@@ -339,8 +353,14 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
         NotifyState::Stopping,
         NotifyState::Status("stopping: draining connections"),
     ]);
-    server.shutdown(grace).await;
-    info!("srvlb stopped");
+    // A second SIGTERM/SIGINT (`systemctl stop` again, Ctrl-C twice) means "stop now": the
+    // operator has chosen to cut what is left rather than wait out the grace period. The
+    // drain is abandoned; returning ends the runtime, which closes every connection.
+    tokio::select! {
+        () = server.shutdown(grace) => info!("srvlb stopped"),
+        _ = terminate.recv() => warn!("second stop signal (SIGTERM): closing the remaining connections now"),
+        _ = interrupt.recv() => warn!("second stop signal (SIGINT): closing the remaining connections now"),
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 use tracing::debug;
 
 use crate::balance::MaglevTable;
@@ -39,17 +40,33 @@ pub struct Service {
     pub discovery: Arc<DiscoveryStatus>,
     pub stats: ServiceStats,
     /// One permit per open connection; listeners take a permit before accepting, so at the
-    /// limit clients wait in the backlog instead of being reset.
-    limit: ConnectionLimit,
+    /// limit clients wait in the backlog instead of being reset. Shared with the service that
+    /// replaces this one under the same name (see [`Service::start_with_limit`]).
+    limit: Arc<ConnectionLimit>,
     stop_discovery: watch::Sender<bool>,
 }
 
 impl Service {
-    /// Creates the service and starts its discovery task.
+    /// Creates the service with a connection limit of its own and starts its discovery task.
     pub fn start(
         config: ServiceConfig,
         resolver: Arc<TokioResolver>,
         resolver_settings: ResolverConfig,
+    ) -> Arc<Service> {
+        let limit = Arc::new(ConnectionLimit::new(config.max_connections));
+        Service::start_with_limit(config, resolver, resolver_settings, limit)
+    }
+
+    /// Like [`Service::start`], counting connections against `limit`, which the caller has
+    /// already sized to `config.max_connections`. A reload that replaces a service (its
+    /// discovery source changed) passes the old service's limit: the old service's open
+    /// connections keep their permits, so old and new together stay within the new
+    /// `max_connections`, and a listener waiting for a permit wakes when the resize adds some.
+    pub fn start_with_limit(
+        config: ServiceConfig,
+        resolver: Arc<TokioResolver>,
+        resolver_settings: ResolverConfig,
+        limit: Arc<ConnectionLimit>,
     ) -> Arc<Service> {
         let pool = Arc::new(Pool::new(&config.name, MaglevTable::DEFAULT_SIZE));
         let status = Arc::new(DiscoveryStatus::default());
@@ -62,7 +79,6 @@ impl Service {
             Arc::clone(&status),
         );
         tokio::spawn(discovery.run(stop_rx));
-        let limit = ConnectionLimit::new(config.max_connections);
         Arc::new(Service {
             name: config.name.clone(),
             config: ArcSwap::from_pointee(config),
@@ -80,6 +96,11 @@ impl Service {
 
     pub fn limit(&self) -> &Arc<Semaphore> {
         &self.limit.semaphore
+    }
+
+    /// The limit to hand to a replacement of this service (see [`Service::start_with_limit`]).
+    pub fn connection_limit(&self) -> &Arc<ConnectionLimit> {
+        &self.limit
     }
 
     /// Applies a new configuration whose discovery source is unchanged: balance, timeouts,
@@ -116,9 +137,18 @@ impl Service {
         }
     }
 
-    /// Stops discovery; the pool keeps serving open connections until they end.
+    /// Stops discovery; the pool keeps serving open connections until they end. The
+    /// connection limit is left alone, because a replacement may share it.
     pub fn retire(&self) {
         let _ = self.stop_discovery.send(true);
+    }
+
+    /// Retires a service that has no replacement. What its connection limit still owes from
+    /// a lowering is dropped too: nothing accepts under that limit any more, and the debt
+    /// task would otherwise live as long as the longest open connection.
+    pub fn remove(&self) {
+        self.retire();
+        self.limit.cancel_debts();
     }
 }
 
@@ -131,10 +161,16 @@ impl Service {
 /// may still take one permit first). The total always converges to the last size set,
 /// whatever order raises, lowerings and returns happen in: a raise while a debt is unpaid
 /// simply pays it sooner.
+///
+/// Debt tasks belong to the limit: they are aborted when it is dropped or
+/// [`cancel_debts`](ConnectionLimit::cancel_debts) is called, so a retired service does not
+/// leave tasks behind waiting for its connections.
 #[derive(Debug)]
 pub struct ConnectionLimit {
     semaphore: Arc<Semaphore>,
     size: Mutex<usize>,
+    /// Dropping a `JoinSet` aborts its tasks.
+    debts: Mutex<JoinSet<()>>,
 }
 
 impl ConnectionLimit {
@@ -152,6 +188,7 @@ impl ConnectionLimit {
         ConnectionLimit {
             semaphore: Arc::new(Semaphore::new(size)),
             size: Mutex::new(size),
+            debts: Mutex::new(JoinSet::new()),
         }
     }
 
@@ -182,12 +219,21 @@ impl ConnectionLimit {
             owed, "connection limit lowered below open connections; waiting for them to close"
         );
         let semaphore = Arc::clone(&self.semaphore);
-        tokio::spawn(async move {
+        let mut debts = self.debts.lock();
+        // Reap finished debts so the set does not grow with every lowering.
+        while debts.try_join_next().is_some() {}
+        debts.spawn(async move {
             // Err only if the semaphore were closed, which nothing does.
             if let Ok(permits) = semaphore.acquire_many_owned(owed).await {
                 permits.forget();
             }
         });
+    }
+
+    /// Aborts the unpaid debts; permits returned from now on become free again. Permits a
+    /// debt had already collected stay forgotten.
+    pub fn cancel_debts(&self) {
+        self.debts.lock().abort_all();
     }
 }
 
@@ -250,6 +296,35 @@ mod tests {
         drop(held);
         settle().await;
         assert_eq!(sem.available_permits(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_or_dropped_limit_leaves_no_debt_task_behind() {
+        for drop_limit in [false, true] {
+            let limit = ConnectionLimit::new(2);
+            let sem = Arc::clone(limit.semaphore());
+            let held: Vec<_> = (0..2)
+                .map(|_| Arc::clone(&sem).try_acquire_owned().expect("permit"))
+                .collect();
+            limit.resize("t", 0); // owes 2
+            settle().await;
+            if drop_limit {
+                drop(limit);
+            } else {
+                limit.cancel_debts();
+            }
+            settle().await;
+            // The test, the two permits and (unless dropped) the limit: no debt task.
+            let holders = if drop_limit { 3 } else { 4 };
+            assert_eq!(Arc::strong_count(&sem), holders, "the debt task is gone");
+            drop(held);
+            settle().await;
+            assert_eq!(
+                sem.available_permits(),
+                2,
+                "nothing collects returned permits"
+            );
+        }
     }
 
     #[tokio::test]

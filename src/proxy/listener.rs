@@ -14,7 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::{LogThrottle, serve_client};
 use crate::service::Service;
@@ -98,6 +98,10 @@ impl ConnectionTracker {
 pub struct Listener {
     pub addr: SocketAddr,
     service: Arc<ArcSwap<Service>>,
+    /// Ticks after each swap, so an accept loop waiting for a permit of the old service's
+    /// limit (which may never come: the old service can sit at its limit for hours) starts
+    /// over with the new service's.
+    swapped: watch::Sender<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -126,15 +130,18 @@ impl Listener {
     pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {
         let slot = Arc::new(ArcSwap::new(service));
         let (stop, stop_rx) = watch::channel(false);
+        let (swapped, swapped_rx) = watch::channel(());
         let task = tokio::spawn(accept_loop(
             bound.listener,
             Arc::clone(&slot),
             tracker,
+            swapped_rx,
             stop_rx,
         ));
         Listener {
             addr: bound.addr,
             service: slot,
+            swapped,
             stop,
             task,
         }
@@ -146,6 +153,8 @@ impl Listener {
 
     pub fn set_service(&self, service: Arc<Service>) {
         self.service.store(service);
+        // After the store: a loop that sees the tick loads the new service.
+        self.swapped.send_replace(());
     }
 
     /// Stops accepting and closes the socket; open connections are not touched.
@@ -161,26 +170,39 @@ async fn accept_loop(
     listener: TcpListener,
     slot: Arc<ArcSwap<Service>>,
     tracker: ConnectionTracker,
+    mut swapped: watch::Receiver<()>,
     mut stop: watch::Receiver<bool>,
 ) {
     let addr = listener.local_addr().ok();
-    let mut backoff = Duration::ZERO;
+    let mut backoff = AcceptBackoff::default();
     loop {
+        // Marked seen before the load, so a swap after the load is never missed.
+        swapped.borrow_and_update();
         let service = slot.load_full();
+        // On a swap, start over: the permit must come from the limit of the service that
+        // will serve the connection (when the name stays, that is the same, resized, limit).
         let permit = tokio::select! {
             permit = Arc::clone(service.limit()).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return, // the semaphore is never closed; nothing sensible to do
             },
+            changed = swapped.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => break, // the Listener was dropped
+            },
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            changed = swapped.changed() => match changed {
+                Ok(()) => continue, // accept is cancel-safe: nothing is lost
+                Err(_) => break,
+            },
             _ = stop.wait_for(|stop| *stop) => break,
         };
         match accepted {
             Ok((stream, peer)) => {
-                backoff = Duration::ZERO;
+                backoff.success();
                 // The service may have been swapped by a reload while we waited.
                 let service = slot.load_full();
                 let tracked = tracker.track();
@@ -190,18 +212,26 @@ async fn accept_loop(
                     serve_client(service, stream, peer).await;
                 });
             }
-            Err(e) if is_resource_exhaustion(&e) => {
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            Err(e) => {
+                let delay = backoff.error(&e);
+                if delay.is_zero() {
+                    // ECONNABORTED and friends: the client gave up before we accepted it.
+                    debug!(listener = ?addr, error = %e, "accept error");
+                    continue;
+                }
                 if ACCEPT_ERROR_LOG.allow() {
-                    error!(listener = ?addr, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed: out of resources; backing off");
+                    let backoff_ms = delay.as_millis() as u64;
+                    if is_resource_exhaustion(&e) {
+                        error!(listener = ?addr, error = %e, backoff_ms, "accept failed: out of resources; backing off");
+                    } else {
+                        warn!(listener = ?addr, error = %e, consecutive = backoff.consecutive, backoff_ms, "accept keeps failing; backing off");
+                    }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = stop.wait_for(|stop| *stop) => break,
                 }
             }
-            // ECONNABORTED and friends: the client gave up before we accepted it.
-            Err(e) => debug!(listener = ?addr, error = %e, "accept error"),
         }
     }
     let drained = drain_backlog(&listener, &slot, &tracker);
@@ -244,7 +274,82 @@ fn drain_backlog(
     drained
 }
 
+/// How long an accept loop pauses after an error, reset by the next successful accept.
+///
+/// Running out of resources (EMFILE and the like) backs off from the first error: accepting
+/// again at once cannot succeed. Any other error is normally one client's (ECONNABORTED: it
+/// gave up before we accepted it) and costs no pause, but a run of them with no success in
+/// between (a persistent EPERM from a security module, say) backs off the same way, so no
+/// error, known or not, can spin a core.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// Errors since the last successful accept.
+    consecutive: u32,
+    delay: Duration,
+}
+
+impl AcceptBackoff {
+    /// Errors in a row, other than resource exhaustion, that are retried without a pause.
+    const FREE_ERRORS: u32 = 8;
+    const MIN: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn success(&mut self) {
+        *self = AcceptBackoff::default();
+    }
+
+    /// The pause before the next accept; zero for an isolated per-client error.
+    fn error(&mut self, e: &io::Error) -> Duration {
+        self.consecutive = self.consecutive.saturating_add(1);
+        if !is_resource_exhaustion(e) && self.consecutive <= Self::FREE_ERRORS {
+            return Duration::ZERO;
+        }
+        self.delay = (self.delay * 2).clamp(Self::MIN, Self::MAX);
+        self.delay
+    }
+}
+
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os_error(code: i32) -> io::Error {
+        io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn resource_exhaustion_backs_off_at_once_and_doubles_to_the_cap() {
+        let mut backoff = AcceptBackoff::default();
+        let delays: Vec<_> = (0..10).map(|_| backoff.error(&os_error(24))).collect();
+        assert_eq!(delays[0], AcceptBackoff::MIN);
+        assert_eq!(delays[1], AcceptBackoff::MIN * 2);
+        assert_eq!(delays[9], AcceptBackoff::MAX);
+    }
+
+    #[test]
+    fn a_persistent_other_error_backs_off_after_a_few_and_success_resets() {
+        let eperm = os_error(1);
+        let mut backoff = AcceptBackoff::default();
+        for _ in 0..AcceptBackoff::FREE_ERRORS {
+            assert_eq!(
+                backoff.error(&eperm),
+                Duration::ZERO,
+                "isolated errors are free"
+            );
+        }
+        assert_eq!(backoff.error(&eperm), AcceptBackoff::MIN);
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = backoff.error(&eperm);
+        }
+        assert_eq!(last, AcceptBackoff::MAX, "capped, never zero again");
+        backoff.success();
+        assert_eq!(backoff.error(&eperm), Duration::ZERO);
+        assert_eq!(backoff.consecutive, 1);
+    }
 }
