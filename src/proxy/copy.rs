@@ -78,10 +78,22 @@ pub async fn proxy_streams(
     idle: Duration,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
 ) -> Transfer {
+    #[cfg(target_os = "linux")]
+    let pipes = &super::splice::PIPES;
+    #[cfg(not(target_os = "linux"))]
+    let pipes = &PipePool;
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
-    let c2b = pump(client, backend, &up, &last_activity, Side::Client, on_bytes);
+    let c2b = pump(
+        client,
+        backend,
+        &up,
+        &last_activity,
+        Side::Client,
+        on_bytes,
+        pipes,
+    );
     let b2c = pump(
         backend,
         client,
@@ -89,6 +101,7 @@ pub async fn proxy_streams(
         &last_activity,
         Side::Backend,
         on_bytes,
+        pipes,
     );
     tokio::pin!(c2b, b2c);
     let idle_expired = idle_watch(&last_activity, idle);
@@ -143,6 +156,16 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+#[cfg(target_os = "linux")]
+use super::splice::PipePool;
+/// Stands in for the pipe pool where there is no splice.
+#[cfg(not(target_os = "linux"))]
+struct PipePool;
+
+#[cfg(target_os = "linux")]
+static NO_PIPE_LOG: super::LogThrottle = super::LogThrottle::new(Duration::from_secs(1));
+
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -150,21 +173,33 @@ async fn pump(
     last_activity: &AtomicU64,
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
 ) -> Result<(), PumpError> {
     #[cfg(target_os = "linux")]
     if splice_enabled() {
-        use super::splice::{PIPES, SpliceEnd, splice_direction};
+        use super::splice::{SpliceEnd, splice_direction};
         let mut moved = |n: u64| {
             counter.fetch_add(n, Ordering::Relaxed);
             on_bytes(side, n);
             last_activity.store(now_ms(), Ordering::Relaxed);
         };
-        match splice_direction(from, to, &PIPES, &mut moved).await {
+        match splice_direction(from, to, pipes, &mut moved).await {
             SpliceEnd::Eof => return pass_fin(to),
             SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
             SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
             // Refused before any byte moved: the userspace copy below takes over.
             SpliceEnd::Unsupported => {}
+            // Out of descriptors for a pipe, with nothing in flight: the copy below needs
+            // none, so the connection keeps working (for the rest of this direction).
+            SpliceEnd::NoPipe(e) => {
+                if let Some(suppressed) = NO_PIPE_LOG.permit() {
+                    tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        "no pipe for splice (out of descriptors?); copying in user space"
+                    );
+                }
+            }
         }
     }
     let mut buffer: Option<Box<[u8]>> = None;
@@ -232,5 +267,70 @@ async fn idle_watch(last_activity: &AtomicU64, idle: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    /// Out of descriptors for a pipe, a direction copies in user space instead of failing.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn no_pipe_falls_back_to_copy_without_losing_bytes() {
+        if !splice_enabled() {
+            return; // SRVLB_SPLICE=0: the copy path is used anyway.
+        }
+        let (mut client, near) = pair().await;
+        let (far, mut reader) = pair().await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&data).await.expect("write");
+            client.shutdown().await.expect("fin");
+        });
+        let pipes = PipePool::exhausted();
+        let counter = AtomicU64::new(0);
+        let last = AtomicU64::new(0);
+        let pumped = async {
+            let end = pump(
+                &near,
+                &far,
+                &counter,
+                &last,
+                Side::Client,
+                &|_, _| {},
+                &pipes,
+            )
+            .await;
+            end.is_ok()
+        };
+        let read_all = async {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.expect("read");
+            got
+        };
+        let limit = Duration::from_secs(20);
+        let (ok, got) = tokio::time::timeout(limit, async { tokio::join!(pumped, read_all) })
+            .await
+            .expect("the copy finished");
+        writer.await.expect("writer");
+        assert!(ok, "the direction failed instead of copying");
+        assert!(
+            got == expected,
+            "bytes differ ({} of {})",
+            got.len(),
+            expected.len()
+        );
+        assert_eq!(counter.load(Ordering::Relaxed), expected.len() as u64);
     }
 }

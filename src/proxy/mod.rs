@@ -123,6 +123,7 @@ impl Drop for ServiceActive<'_> {
 }
 
 static CONNECT_FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static LOCAL_RESOURCE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 // Ejections and re-admissions happen at most once per `base_ejection` per backend, but a
 // large pool losing a rack at once would still print a line per backend.
 static EJECTION_LOG: LogThrottle = LogThrottle::with_burst(Duration::from_secs(1), 20);
@@ -150,17 +151,23 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
     }
     let (backend, stream, attempts, connected_at) =
         match connect_any(&service, &config, &snapshot, peer).await {
-            Some(found) => found,
-            None => {
-                service
-                    .stats
-                    .connect_exhausted
-                    .fetch_add(1, Ordering::Relaxed);
+            Ok(found) => found,
+            Err(failure) => {
+                let reason = match failure {
+                    NoBackend::Exhausted => {
+                        service
+                            .stats
+                            .connect_exhausted
+                            .fetch_add(1, Ordering::Relaxed);
+                        "all_backends_failed"
+                    }
+                    NoBackend::Local => "local_resources",
+                };
                 reset_on_close(&client);
                 info!(
                     service = %service.name,
                     client = %peer,
-                    reason = "all_backends_failed",
+                    reason,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "connection closed"
                 );
@@ -259,54 +266,83 @@ async fn send_proxy_header(
     copy::write_all(backend, &header).await
 }
 
+/// Why `connect_any` found no backend for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoBackend {
+    /// Every candidate it was allowed to try failed.
+    Exhausted,
+    /// This host could not make a connection at all (out of descriptors, ports or memory).
+    Local,
+}
+
 /// Walks the selector's candidates until one connects, at most `1 + connect_retries` times.
 async fn connect_any(
     service: &Service,
     config: &ServiceConfig,
     snapshot: &Snapshot,
     peer: SocketAddr,
-) -> Option<(Arc<Backend>, TcpStream, u32, u64)> {
+) -> Result<(Arc<Backend>, TcpStream, u32, u64), NoBackend> {
     let key = client_key(peer, config.hash_key);
     let mut selector = Selector::new(snapshot, config.balance, key, now_ms());
     let mut attempts = 0u32;
     while attempts <= config.connect_retries {
         let backend = {
             let mut rng = rand::rng();
-            selector.next_backend(&mut rng)?
+            selector
+                .next_backend(&mut rng)
+                .ok_or(NoBackend::Exhausted)?
         };
         attempts += 1;
         if attempts > 1 {
             service.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
-        match connect(backend.addr(), config.connect_timeout).await {
-            Ok(stream) => return Some((backend, stream, attempts, now_ms())),
-            Err(e) => {
-                backend
-                    .stats
-                    .connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                let why = if e.kind() == io::ErrorKind::TimedOut {
-                    "connect timeout".to_owned()
-                } else {
-                    format!("connect: {e}")
-                };
-                if let Some(suppressed) = CONNECT_FAILURE_LOG.permit() {
-                    warn!(
-                        service = %service.name,
-                        backend = %backend.addr(),
-                        client = %peer,
-                        attempt = attempts,
-                        retrying = attempts <= config.connect_retries,
-                        error = %why,
-                        suppressed,
-                        "backend connect failed"
-                    );
-                }
-                record_failure(service, config, snapshot, &backend, &why);
+        let e = match connect(backend.addr(), config.connect_timeout).await {
+            Ok(stream) => return Ok((backend, stream, attempts, now_ms())),
+            Err(e) => e,
+        };
+        if e.blame == Blame::Local {
+            // Every other backend would fail the same way, and none of them is at fault:
+            // trying them would only spread wrong failure counts across the pool.
+            if let Some(suppressed) = LOCAL_RESOURCE_LOG.permit() {
+                warn!(
+                    service = %service.name,
+                    backend = %backend.addr(),
+                    client = %peer,
+                    error = %e.error,
+                    suppressed,
+                    "cannot connect to backends: out of local resources (descriptors, ports \
+                     or memory); client closed, backend not blamed"
+                );
             }
+            return Err(NoBackend::Local);
+        }
+        let why = if e.error.kind() == io::ErrorKind::TimedOut {
+            "connect timeout".to_owned()
+        } else {
+            format!("connect: {}", e.error)
+        };
+        if let Some(suppressed) = CONNECT_FAILURE_LOG.permit() {
+            warn!(
+                service = %service.name,
+                backend = %backend.addr(),
+                client = %peer,
+                attempt = attempts,
+                retrying = attempts <= config.connect_retries,
+                error = %why,
+                blamed = e.blame == Blame::Backend,
+                suppressed,
+                "backend connect failed"
+            );
+        }
+        if e.blame == Blame::Backend {
+            backend
+                .stats
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed);
+            record_failure(service, config, snapshot, &backend, &why);
         }
     }
-    None
+    Err(NoBackend::Exhausted)
 }
 
 fn record_failure(
@@ -358,15 +394,117 @@ fn record_failure(
     }
 }
 
+/// Whose fault a failed connect is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// Refused, reset, aborted, timed out or unreachable: the backend (or the path to it)
+    /// failed. Counts against its health; another backend is tried.
+    Backend,
+    /// This host is out of descriptors, ephemeral ports or memory. Says nothing about the
+    /// backend, and every other backend would fail the same way: nothing is counted and no
+    /// other backend is tried.
+    Local,
+    /// Anything else (EACCES/EPERM from a local firewall rule, an unexpected errno): not
+    /// known to be the backend's fault, so not counted, but another backend may work.
+    Unknown,
+}
+
+/// A failed connect and whose fault it is.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub blame: Blame,
+    pub error: io::Error,
+}
+
+/// Classifies an error of `connect(2)` (or of the timeout around it).
+pub fn blame(e: &io::Error) -> Blame {
+    use rustix::io::Errno;
+    if e.kind() == io::ErrorKind::TimedOut {
+        return Blame::Backend;
+    }
+    match Errno::from_io_error(e) {
+        Some(
+            Errno::CONNREFUSED
+            | Errno::CONNRESET
+            | Errno::CONNABORTED
+            | Errno::HOSTUNREACH
+            | Errno::NETUNREACH,
+        ) => Blame::Backend,
+        Some(Errno::ADDRNOTAVAIL | Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
+            Blame::Local
+        }
+        _ => Blame::Unknown,
+    }
+}
+
 /// Connects with TCP_NODELAY within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
     };
-    let stream = tokio::time::timeout(timeout, socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    stream.set_nodelay(true)?;
+    // No socket at all is always a local shortage, whatever the errno says.
+    let socket = socket.map_err(|error| ConnectError {
+        blame: Blame::Local,
+        error,
+    })?;
+    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            return Err(ConnectError {
+                blame: blame(&error),
+                error,
+            });
+        }
+        Err(_) => {
+            return Err(ConnectError {
+                blame: Blame::Backend,
+                error: io::ErrorKind::TimedOut.into(),
+            });
+        }
+    };
+    // Only fails when the connection is already gone; the transfer will report that.
+    let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(e: rustix::io::Errno) -> io::Error {
+        io::Error::from_raw_os_error(e.raw_os_error())
+    }
+
+    #[test]
+    fn only_backend_failures_are_blamed_on_the_backend() {
+        use rustix::io::Errno;
+        for e in [
+            Errno::CONNREFUSED,
+            Errno::CONNRESET,
+            Errno::CONNABORTED,
+            Errno::HOSTUNREACH,
+            Errno::NETUNREACH,
+            Errno::TIMEDOUT,
+        ] {
+            assert_eq!(blame(&errno(e)), Blame::Backend, "{e:?}");
+        }
+        assert_eq!(
+            blame(&io::ErrorKind::TimedOut.into()),
+            Blame::Backend,
+            "the connect_timeout"
+        );
+        for e in [
+            Errno::ADDRNOTAVAIL,
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+        ] {
+            assert_eq!(blame(&errno(e)), Blame::Local, "{e:?}");
+        }
+        for e in [Errno::ACCESS, Errno::PERM, Errno::INVAL] {
+            assert_eq!(blame(&errno(e)), Blame::Unknown, "{e:?}");
+        }
+    }
 }
