@@ -6,11 +6,11 @@
 
 mod support;
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::harness::{Mode, Srvlb, TestBackend, eventually, free_port, http_get, who_answers};
@@ -200,4 +200,85 @@ fn running_out_of_descriptors_ejects_no_backend() {
         lb.listen
     )
     .is_ok()));
+}
+
+/// A backend that accepts and, after `delay`, closes cleanly without a byte.
+fn closing_backend(delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind(local(0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || {
+                thread::sleep(delay);
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
+
+/// Connects a silent client and waits until srvlb has closed it and logged the close.
+fn silent_client_until_closed(lb: &Lb) -> Duration {
+    let started = Instant::now();
+    let mut client = TcpStream::connect(lb.listen).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the backend sent {n} bytes"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("srvlb never closed the client; log:\n{}", lb.log())
+        }
+        Err(_) => {} // reset: closed as well
+    }
+    let waited = started.elapsed();
+    drop(client);
+    lb.srvlb
+        .wait_log("connection closed", Duration::from_secs(10));
+    waited
+}
+
+/// A backend that times out a client which never speaks (Postgres' authentication_timeout)
+/// is doing its job: it must not be ejected.
+#[test]
+fn backend_closing_a_silent_client_after_its_own_timeout_is_not_ejected() {
+    let backend = closing_backend(Duration::from_millis(1500));
+    let lb = Lb::start(
+        &[backend],
+        "connect_timeout = \"500ms\"",
+        "consecutive_failures = 1\nmax_ejected_percent = 100",
+    );
+    let waited = silent_client_until_closed(&lb);
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}"
+    );
+    assert_eq!(lb.ejected(), 0, "ejected; log:\n{}", lb.log());
+    assert!(
+        !lb.srvlb.log_contains("backend ejected"),
+        "log:\n{}",
+        lb.log()
+    );
+}
+
+/// A backend that accepts and closes at once is broken (an overloaded server shedding
+/// connections, a proxy with no upstream): ejected.
+#[test]
+fn backend_closing_at_once_without_data_is_ejected() {
+    let backend = closing_backend(Duration::ZERO);
+    let lb = Lb::start(
+        &[backend],
+        "connect_timeout = \"2s\"",
+        "consecutive_failures = 1\nmax_ejected_percent = 100",
+    );
+    silent_client_until_closed(&lb);
+    assert!(
+        eventually(Duration::from_secs(10), || lb.ejected() == 1),
+        "not ejected; log:\n{}",
+        lb.log()
+    );
+    assert!(lb.srvlb.log_contains("closed before any data"));
 }

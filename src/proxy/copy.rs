@@ -62,6 +62,8 @@ pub struct Transfer {
     pub backend_to_client: u64,
     /// Which side sent the first FIN or reset, if any.
     pub first_to_finish: Option<Side>,
+    /// When (`now_ms`) that first FIN or reset was seen.
+    pub first_finish_at: Option<u64>,
     pub end: End,
 }
 
@@ -108,13 +110,13 @@ pub async fn proxy_streams(
     tokio::pin!(idle_expired);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
-    let mut first_to_finish = None;
+    let mut first_to_finish: Option<(Side, u64)> = None;
     let end = loop {
         tokio::select! {
             result = &mut c2b, if !c2b_done => match result {
                 Ok(()) => {
                     c2b_done = true;
-                    first_to_finish.get_or_insert(Side::Client);
+                    first_to_finish.get_or_insert((Side::Client, now_ms()));
                 }
                 Err(PumpError::Read(e)) => break fail(Side::Client, e, &mut first_to_finish),
                 Err(PumpError::Write(e)) => break fail(Side::Backend, e, &mut first_to_finish),
@@ -122,7 +124,7 @@ pub async fn proxy_streams(
             result = &mut b2c, if !b2c_done => match result {
                 Ok(()) => {
                     b2c_done = true;
-                    first_to_finish.get_or_insert(Side::Backend);
+                    first_to_finish.get_or_insert((Side::Backend, now_ms()));
                 }
                 Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
                 Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
@@ -140,13 +142,14 @@ pub async fn proxy_streams(
     Transfer {
         client_to_backend: up.load(Ordering::Relaxed),
         backend_to_client: down.load(Ordering::Relaxed),
-        first_to_finish,
+        first_to_finish: first_to_finish.map(|(side, _)| side),
+        first_finish_at: first_to_finish.map(|(_, at)| at),
         end,
     }
 }
 
-fn fail(side: Side, e: io::Error, first: &mut Option<Side>) -> End {
-    first.get_or_insert(side);
+fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
+    first.get_or_insert((side, now_ms()));
     End::Reset(side, e.kind())
 }
 

@@ -198,11 +198,19 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                 client_to_backend: 0,
                 backend_to_client: 0,
                 first_to_finish: Some(Side::Backend),
+                first_finish_at: Some(now_ms()),
                 end: End::Reset(Side::Backend, e.kind()),
             }
         }
     };
-    judge_backend(&service, &config, &snapshot, &backend, &transfer);
+    judge_backend(
+        &service,
+        &config,
+        &snapshot,
+        &backend,
+        connected_at,
+        &transfer,
+    );
     info!(
         service = %service.name,
         client = %peer,
@@ -217,21 +225,38 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
     );
 }
 
-/// A backend that closed or reset before a single byte moved either way failed (it accepted
-/// and then refused to serve). Success was recorded when the first byte moved; a reset after
-/// that is passed on to the client but says nothing reliable about new connections, and the
-/// client leaving first says nothing about the backend at all.
+/// A backend that reset before a single byte moved either way, or closed within
+/// `connect_timeout` of the connect, failed: it accepted and then refused to serve. A clean
+/// close later than that is a backend timing out a silent client (Postgres'
+/// authentication_timeout, an SMTP greeting wait): normal for protocols where the client
+/// speaks first, and no sign of trouble. Success was recorded when the first byte moved; a
+/// reset after that is passed on to the client but says nothing reliable about new
+/// connections, and the client leaving first says nothing about the backend at all.
 fn judge_backend(
     service: &Service,
     config: &ServiceConfig,
     snapshot: &Snapshot,
     backend: &Arc<Backend>,
+    connected_at: u64,
     transfer: &Transfer,
 ) {
     let moved = transfer.client_to_backend + transfer.backend_to_client;
-    if moved == 0 && transfer.first_to_finish == Some(Side::Backend) {
-        record_failure(service, config, snapshot, backend, "closed before any data");
+    if moved != 0 || transfer.first_to_finish != Some(Side::Backend) {
+        return;
     }
+    let why = if matches!(transfer.end, End::Reset(Side::Backend, _)) {
+        "reset before any data"
+    } else {
+        let window = u64::try_from(config.connect_timeout.as_millis()).unwrap_or(u64::MAX);
+        let closed_after = transfer
+            .first_finish_at
+            .map_or(u64::MAX, |at| at.saturating_sub(connected_at));
+        if closed_after > window {
+            return;
+        }
+        "closed before any data"
+    };
+    record_failure(service, config, snapshot, backend, why);
 }
 
 fn record_success(service: &Service, backend: &Backend, connected_at: u64) {
