@@ -6,9 +6,10 @@
 
 mod support;
 
-use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -281,4 +282,98 @@ fn backend_closing_at_once_without_data_is_ejected() {
         lb.log()
     );
     assert!(lb.srvlb.log_contains("closed before any data"));
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks (usually 100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A backend that never writes: it reports when the client's FIN arrives and then when its
+/// socket gets an error (srvlb's reset), checking SO_ERROR so that it stays silent.
+fn silent_backend() -> (SocketAddr, mpsc::Receiver<(&'static str, Instant)>) {
+    let listener = TcpListener::bind(local(0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.send(("eof", Instant::now()));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = tx.send(("read error", Instant::now()));
+                    return;
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = stream.take_error() {
+                let _ = tx.send(("reset", Instant::now()));
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = tx.send(("still open", Instant::now()));
+    });
+    (addr, rx)
+}
+
+/// A client that half-closes and then resets must not leave the backend leg open until the
+/// idle timeout just because the backend is silent: the reset is passed on.
+#[test]
+fn reset_after_half_close_reaches_a_silent_backend() {
+    let (backend, events) = silent_backend();
+    let lb = Lb::start(&[backend], "idle_timeout = \"60s\"", "");
+    let mut client = TcpStream::connect(lb.listen).expect("connect");
+    client.write_all(b"hi").expect("write");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let (what, _) = events
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backend saw no FIN");
+    assert_eq!(what, "eof");
+    // Watching the finished side must not spin: srvlb stays (nearly) idle meanwhile.
+    let cpu_before = cpu_ticks(lb.srvlb.pid());
+    thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(lb.srvlb.pid()) - cpu_before;
+    assert!(
+        spent < 30,
+        "srvlb used {spent} clock ticks in 1 s of a half-closed idle connection"
+    );
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    let reset_at = Instant::now();
+    drop(client); // RST
+    let (what, seen) = events
+        .recv_timeout(Duration::from_secs(35))
+        .expect("backend thread gone");
+    assert_eq!(what, "reset", "log:\n{}", lb.log());
+    let after = seen.duration_since(reset_at);
+    assert!(
+        after < Duration::from_secs(5),
+        "the backend leg was reset only {after:?} after the client's reset"
+    );
+    assert!(eventually(Duration::from_secs(5), || lb
+        .srvlb
+        .log_contains("reason=client_reset")));
+    eprintln!("reset after half-close reached the backend in {after:?}");
 }

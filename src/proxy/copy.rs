@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::health::now_ms;
@@ -129,6 +130,15 @@ pub async fn proxy_streams(
                 Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
                 Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
             },
+            // A side that sent FIN can still reset later. Its pump is finished, so only this
+            // watch notices; without it a silent other side would keep the connection (and
+            // the backend's slot) until the idle timeout.
+            e = peer_error(client), if c2b_done => {
+                break fail(Side::Client, e, &mut first_to_finish)
+            }
+            e = peer_error(backend), if b2c_done => {
+                break fail(Side::Backend, e, &mut first_to_finish)
+            }
             () = &mut idle_expired => break End::IdleTimeout,
         }
         if c2b_done && b2c_done {
@@ -151,6 +161,30 @@ pub async fn proxy_streams(
 fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
     first.get_or_insert((side, now_ms()));
     End::Reset(side, e.kind())
+}
+
+/// Waits for an error (a reset) on a socket whose read side is finished, and returns it.
+///
+/// Read readiness cannot be used for this: after EOF a socket stays readable, so waiting for
+/// it would spin. EPOLLERR, which epoll reports without being asked, is raised when a reset
+/// sets the socket's pending error (SO_ERROR); tokio keeps it as `Ready::ERROR` until it is
+/// cleared, so a reset that came before this watch started is not missed either.
+async fn peer_error(stream: &TcpStream) -> io::Error {
+    loop {
+        if let Err(e) = stream.ready(Interest::ERROR).await {
+            return e;
+        }
+        // No pending error after all (taken elsewhere, or a stale event): `WouldBlock`
+        // clears the readiness, so the next wait sleeps until a new event instead of
+        // spinning.
+        let taken = stream.try_io(Interest::ERROR, || match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Ok(e),
+            Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+        });
+        if let Ok(e) = taken {
+            return e;
+        }
+    }
 }
 
 /// Makes the kernel send RST instead of FIN when the socket is closed.
