@@ -378,16 +378,22 @@ fn record_failure(
     why: &str,
 ) {
     let policy = &config.health;
-    let verdict = {
+    let count = backend.health.count_failure(now_ms(), policy);
+    let verdict = if count.ejection_due {
         // Held across the cap check and the ejection so that concurrent failures of
-        // different backends cannot together exceed max_ejected_percent.
+        // different backends cannot together exceed max_ejected_percent. Taken only at the
+        // threshold: failures below it touch nothing shared but the backend's own atomics.
         let _gate = service.pool.ejection_gate();
         let now = now_ms();
-        backend.health.record_failure(now, policy, || {
+        backend.health.try_eject(now, policy, || {
             snapshot
                 .tier_of(backend)
                 .is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
         })
+    } else {
+        FailureVerdict::Counted {
+            consecutive: count.consecutive,
+        }
     };
     match verdict {
         FailureVerdict::Ejected {
