@@ -377,3 +377,79 @@ fn reset_after_half_close_reaches_a_silent_backend() {
         .log_contains("reason=client_reset")));
     eprintln!("reset after half-close reached the backend in {after:?}");
 }
+
+/// A listener whose accept queue is full: connects to it hang until they time out.
+struct BlackHole {
+    _listener: socket2::Socket,
+    _queued: Vec<socket2::Socket>,
+    addr: SocketAddr,
+}
+
+fn black_hole() -> BlackHole {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    listener.bind(&local(0).into()).expect("bind black hole");
+    listener.listen(0).expect("listen");
+    let addr = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("black hole address");
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        if s.connect_timeout(&addr.into(), Duration::from_millis(300))
+            .is_err()
+        {
+            break;
+        }
+        queued.push(s);
+    }
+    BlackHole {
+        _listener: listener,
+        _queued: queued,
+        addr,
+    }
+}
+
+impl Lb {
+    fn backend_metric(&self, name: &str, backend: SocketAddr) -> Option<u64> {
+        let needle = format!("backend=\"{backend}\"");
+        http_get(self.admin, "/metrics")
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+}
+
+/// A connect still in flight counts as an active connection of its backend (P2C compares
+/// these), and stops counting when it fails; only a connect that succeeds is counted in
+/// the backend's connections.
+#[test]
+fn a_connect_in_flight_counts_as_active_until_it_fails() {
+    let hole = black_hole();
+    let lb = Lb::start(
+        &[hole.addr],
+        "balance = \"p2c\"\nconnect_timeout = \"4s\"\nconnect_retries = 0",
+        "",
+    );
+    let mut client = TcpStream::connect(lb.listen).expect("connect");
+    let pending = eventually(Duration::from_secs(3), || {
+        lb.backend_metric("srvlb_backend_active_connections", hole.addr) == Some(1)
+    });
+    assert!(pending, "the pending connect was not counted as active");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    let _ = client.read(&mut buf); // closed once the connect times out
+    let released = eventually(Duration::from_secs(10), || {
+        lb.backend_metric("srvlb_backend_active_connections", hole.addr) == Some(0)
+    });
+    assert!(released, "the failed connect stayed counted as active");
+    assert_eq!(
+        lb.backend_metric("srvlb_backend_connections_total", hole.addr),
+        Some(0),
+        "a failed connect was counted as a connection"
+    );
+}

@@ -97,18 +97,25 @@ pub fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
     config.allow.is_empty() || config.allow.iter().any(|net| net.contains(&ip))
 }
 
-/// Keeps a backend's active-connection count right however the task ends.
-struct ActiveGuard<'a>(&'a Backend);
+/// A backend's share of one client connection, from selection to close: it counts in the
+/// backend's active connections while the connect is still in flight, so that P2C sees a
+/// backend that is slow to accept as busy rather than idle during a burst. Dropped on a
+/// failed connect, and keeps the count right however the task ends.
+struct ActiveGuard(Arc<Backend>);
 
-impl<'a> ActiveGuard<'a> {
-    fn new(backend: &'a Backend) -> ActiveGuard<'a> {
+impl ActiveGuard {
+    fn new(backend: Arc<Backend>) -> ActiveGuard {
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
-        backend.stats.connections.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(backend)
+    }
+
+    /// The connect succeeded: only now is it a connection of the backend's.
+    fn connected(&self) {
+        self.0.stats.connections.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -149,7 +156,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
         info!(service = %service.name, client = %peer, reason = "no_backend", "connection closed");
         return;
     }
-    let (backend, stream, attempts, connected_at) =
+    let (backend_active, stream, attempts, connected_at) =
         match connect_any(&service, &config, &snapshot, peer).await {
             Ok(found) => found,
             Err(failure) => {
@@ -174,7 +181,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                 return;
             }
         };
-    let _backend_active = ActiveGuard::new(&backend);
+    let backend = &backend_active.0;
     let transfer = match send_proxy_header(&config, &client, peer, &stream).await {
         Ok(()) => {
             // The first byte either way proves the backend works: record the success then,
@@ -187,7 +194,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                     Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
                 };
                 if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
-                    record_success(&service, &backend, connected_at);
+                    record_success(&service, backend, connected_at);
                 }
             };
             proxy_streams(&client, &stream, config.idle_timeout, &count).await
@@ -207,7 +214,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
         &service,
         &config,
         &snapshot,
-        &backend,
+        backend,
         connected_at,
         &transfer,
     );
@@ -306,23 +313,29 @@ async fn connect_any(
     config: &ServiceConfig,
     snapshot: &Snapshot,
     peer: SocketAddr,
-) -> Result<(Arc<Backend>, TcpStream, u32, u64), NoBackend> {
+) -> Result<(ActiveGuard, TcpStream, u32, u64), NoBackend> {
     let key = client_key(peer, config.hash_key);
     let mut selector = Selector::new(snapshot, config.balance, key, now_ms());
     let mut attempts = 0u32;
     while attempts <= config.connect_retries {
-        let backend = {
+        let active = {
             let mut rng = rand::rng();
-            selector
-                .next_backend(&mut rng)
-                .ok_or(NoBackend::Exhausted)?
+            ActiveGuard::new(
+                selector
+                    .next_backend(&mut rng)
+                    .ok_or(NoBackend::Exhausted)?,
+            )
         };
+        let backend = &active.0;
         attempts += 1;
         if attempts > 1 {
             service.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
         let e = match connect(backend.addr(), config.connect_timeout).await {
-            Ok(stream) => return Ok((backend, stream, attempts, now_ms())),
+            Ok(stream) => {
+                active.connected();
+                return Ok((active, stream, attempts, now_ms()));
+            }
             Err(e) => e,
         };
         if e.blame == Blame::Local {
@@ -364,7 +377,7 @@ async fn connect_any(
                 .stats
                 .connect_failures
                 .fetch_add(1, Ordering::Relaxed);
-            record_failure(service, config, snapshot, &backend, &why);
+            record_failure(service, config, snapshot, backend, &why);
         }
     }
     Err(NoBackend::Exhausted)
