@@ -85,6 +85,9 @@ pub async fn proxy_streams(
     let pipes = &super::splice::PIPES;
     #[cfg(not(target_os = "linux"))]
     let pipes = &PipePool;
+    // Shared by the two pumps and the idle watch, which all run inside this one task, so
+    // Cell would do for the logic; but this future must be Send (it is spawned on the
+    // multi-threaded runtime) and `&Cell` is not, so uncontended relaxed atomics it is.
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
@@ -239,11 +242,18 @@ async fn pump(
             }
         }
     }
-    let mut buffer: Option<Box<[u8]>> = None;
+    // Taken when the source is readable and given back when it is drained, so an idle
+    // connection holds no buffer. It is allocated without zeroing (the kernel writes the
+    // bytes we read, and only those are used): a 64 KiB allocation is a cheap free-list
+    // take, while zeroing it was a 64 KiB memset each time the socket drained, which in a
+    // request/response protocol is nearly every request.
+    let mut buffer: Option<Vec<u8>> = None;
     loop {
         from.readable().await.map_err(PumpError::Read)?;
-        let buf = buffer.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        match from.try_read(buf) {
+        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(BUFFER_SIZE));
+        buf.clear();
+        // Reads into the spare capacity (never 0 bytes of room, so Ok(0) is EOF).
+        match from.try_read_buf(buf) {
             Ok(0) => return pass_fin(to),
             Ok(n) => {
                 write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
