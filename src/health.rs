@@ -33,6 +33,14 @@ pub enum FailureVerdict {
     CapReached { consecutive: u32 },
 }
 
+/// A failure as counted by `Health::count_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureCount {
+    pub consecutive: u32,
+    /// The threshold is reached and the backend is not ejected yet: call `try_eject`.
+    pub ejection_due: bool,
+}
+
 /// Health state of one backend. All fields are atomics: the proxy records outcomes from many
 /// connection tasks at once and the selector reads availability without locking.
 #[derive(Debug, Default)]
@@ -166,11 +174,41 @@ impl Health {
         policy: &HealthConfig,
         may_eject: impl FnOnce() -> bool,
     ) -> FailureVerdict {
+        let count = self.count_failure(now, policy);
+        if !count.ejection_due {
+            return FailureVerdict::Counted {
+                consecutive: count.consecutive,
+            };
+        }
+        self.try_eject(now, policy, may_eject)
+    }
+
+    /// The lock-free half of `record_failure`: counts the failure and says whether an
+    /// ejection is due. Most failures stop here, so the proxy takes its ejection lock (and
+    /// scans the tier for the cap) only when this says so.
+    pub fn count_failure(&self, now: u64, policy: &HealthConfig) -> FailureCount {
         self.last_failure.store(now, Ordering::Relaxed);
         let consecutive = self
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
+        FailureCount {
+            consecutive,
+            ejection_due: consecutive >= policy.consecutive_failures && self.is_available(now),
+        }
+    }
+
+    /// The second half of `record_failure`, after `count_failure` said an ejection is due.
+    /// Callers that must keep `max_ejected_percent` across backends hold their lock around
+    /// this call; the count is checked again because a success (or another task's
+    /// ejection) may have come in between.
+    pub fn try_eject(
+        &self,
+        now: u64,
+        policy: &HealthConfig,
+        may_eject: impl FnOnce() -> bool,
+    ) -> FailureVerdict {
+        let consecutive = self.consecutive_failures.load(Ordering::Relaxed);
         if consecutive < policy.consecutive_failures || !self.is_available(now) {
             return FailureVerdict::Counted { consecutive };
         }
@@ -344,6 +382,22 @@ mod tests {
             h.record_failure(later, &p, || true);
         }
         assert_eq!(h.ejected_until(later).expect("ejected") - later, 10_000);
+    }
+
+    #[test]
+    fn try_eject_checks_again_after_a_success_came_in_between() {
+        let h = Health::default();
+        let p = policy();
+        assert!(!h.count_failure(1, &p).ejection_due);
+        assert!(!h.count_failure(2, &p).ejection_due);
+        assert!(h.count_failure(3, &p).ejection_due);
+        // While this task waited for the ejection lock, a connection carried data.
+        assert_eq!(h.record_success(3, 4), None);
+        assert_eq!(
+            h.try_eject(5, &p, || panic!("the cap must not even be asked")),
+            FailureVerdict::Counted { consecutive: 0 }
+        );
+        assert!(h.is_available(6));
     }
 
     #[test]

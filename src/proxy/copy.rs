@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::health::now_ms;
@@ -62,6 +63,8 @@ pub struct Transfer {
     pub backend_to_client: u64,
     /// Which side sent the first FIN or reset, if any.
     pub first_to_finish: Option<Side>,
+    /// When (`now_ms`) that first FIN or reset was seen.
+    pub first_finish_at: Option<u64>,
     pub end: End,
 }
 
@@ -78,10 +81,25 @@ pub async fn proxy_streams(
     idle: Duration,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
 ) -> Transfer {
+    #[cfg(target_os = "linux")]
+    let pipes = &super::splice::PIPES;
+    #[cfg(not(target_os = "linux"))]
+    let pipes = &PipePool;
+    // Shared by the two pumps and the idle watch, which all run inside this one task, so
+    // Cell would do for the logic; but this future must be Send (it is spawned on the
+    // multi-threaded runtime) and `&Cell` is not, so uncontended relaxed atomics it is.
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
-    let c2b = pump(client, backend, &up, &last_activity, Side::Client, on_bytes);
+    let c2b = pump(
+        client,
+        backend,
+        &up,
+        &last_activity,
+        Side::Client,
+        on_bytes,
+        pipes,
+    );
     let b2c = pump(
         backend,
         client,
@@ -89,19 +107,20 @@ pub async fn proxy_streams(
         &last_activity,
         Side::Backend,
         on_bytes,
+        pipes,
     );
     tokio::pin!(c2b, b2c);
     let idle_expired = idle_watch(&last_activity, idle);
     tokio::pin!(idle_expired);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
-    let mut first_to_finish = None;
+    let mut first_to_finish: Option<(Side, u64)> = None;
     let end = loop {
         tokio::select! {
             result = &mut c2b, if !c2b_done => match result {
                 Ok(()) => {
                     c2b_done = true;
-                    first_to_finish.get_or_insert(Side::Client);
+                    first_to_finish.get_or_insert((Side::Client, now_ms()));
                 }
                 Err(PumpError::Read(e)) => break fail(Side::Client, e, &mut first_to_finish),
                 Err(PumpError::Write(e)) => break fail(Side::Backend, e, &mut first_to_finish),
@@ -109,11 +128,20 @@ pub async fn proxy_streams(
             result = &mut b2c, if !b2c_done => match result {
                 Ok(()) => {
                     b2c_done = true;
-                    first_to_finish.get_or_insert(Side::Backend);
+                    first_to_finish.get_or_insert((Side::Backend, now_ms()));
                 }
                 Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
                 Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
             },
+            // A side that sent FIN can still reset later. Its pump is finished, so only this
+            // watch notices; without it a silent other side would keep the connection (and
+            // the backend's slot) until the idle timeout.
+            e = peer_error(client), if c2b_done => {
+                break fail(Side::Client, e, &mut first_to_finish)
+            }
+            e = peer_error(backend), if b2c_done => {
+                break fail(Side::Backend, e, &mut first_to_finish)
+            }
             () = &mut idle_expired => break End::IdleTimeout,
         }
         if c2b_done && b2c_done {
@@ -127,14 +155,39 @@ pub async fn proxy_streams(
     Transfer {
         client_to_backend: up.load(Ordering::Relaxed),
         backend_to_client: down.load(Ordering::Relaxed),
-        first_to_finish,
+        first_to_finish: first_to_finish.map(|(side, _)| side),
+        first_finish_at: first_to_finish.map(|(_, at)| at),
         end,
     }
 }
 
-fn fail(side: Side, e: io::Error, first: &mut Option<Side>) -> End {
-    first.get_or_insert(side);
+fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
+    first.get_or_insert((side, now_ms()));
     End::Reset(side, e.kind())
+}
+
+/// Waits for an error (a reset) on a socket whose read side is finished, and returns it.
+///
+/// Read readiness cannot be used for this: after EOF a socket stays readable, so waiting for
+/// it would spin. EPOLLERR, which epoll reports without being asked, is raised when a reset
+/// sets the socket's pending error (SO_ERROR); tokio keeps it as `Ready::ERROR` until it is
+/// cleared, so a reset that came before this watch started is not missed either.
+async fn peer_error(stream: &TcpStream) -> io::Error {
+    loop {
+        if let Err(e) = stream.ready(Interest::ERROR).await {
+            return e;
+        }
+        // No pending error after all (taken elsewhere, or a stale event): `WouldBlock`
+        // clears the readiness, so the next wait sleeps until a new event instead of
+        // spinning.
+        let taken = stream.try_io(Interest::ERROR, || match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Ok(e),
+            Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+        });
+        if let Ok(e) = taken {
+            return e;
+        }
+    }
 }
 
 /// Makes the kernel send RST instead of FIN when the socket is closed.
@@ -143,6 +196,16 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+#[cfg(target_os = "linux")]
+use super::splice::PipePool;
+/// Stands in for the pipe pool where there is no splice.
+#[cfg(not(target_os = "linux"))]
+struct PipePool;
+
+#[cfg(target_os = "linux")]
+static NO_PIPE_LOG: super::LogThrottle = super::LogThrottle::new(Duration::from_secs(1));
+
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -150,28 +213,47 @@ async fn pump(
     last_activity: &AtomicU64,
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
 ) -> Result<(), PumpError> {
     #[cfg(target_os = "linux")]
     if splice_enabled() {
-        use super::splice::{PIPES, SpliceEnd, splice_direction};
+        use super::splice::{SpliceEnd, splice_direction};
         let mut moved = |n: u64| {
             counter.fetch_add(n, Ordering::Relaxed);
             on_bytes(side, n);
             last_activity.store(now_ms(), Ordering::Relaxed);
         };
-        match splice_direction(from, to, &PIPES, &mut moved).await {
+        match splice_direction(from, to, pipes, &mut moved).await {
             SpliceEnd::Eof => return pass_fin(to),
             SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
             SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
             // Refused before any byte moved: the userspace copy below takes over.
             SpliceEnd::Unsupported => {}
+            // Out of descriptors for a pipe, with nothing in flight: the copy below needs
+            // none, so the connection keeps working (for the rest of this direction).
+            SpliceEnd::NoPipe(e) => {
+                if let Some(suppressed) = NO_PIPE_LOG.permit() {
+                    tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        "no pipe for splice (out of descriptors?); copying in user space"
+                    );
+                }
+            }
         }
     }
-    let mut buffer: Option<Box<[u8]>> = None;
+    // Taken when the source is readable and given back when it is drained, so an idle
+    // connection holds no buffer. It is allocated without zeroing (the kernel writes the
+    // bytes we read, and only those are used): a 64 KiB allocation is a cheap free-list
+    // take, while zeroing it was a 64 KiB memset each time the socket drained, which in a
+    // request/response protocol is nearly every request.
+    let mut buffer: Option<Vec<u8>> = None;
     loop {
         from.readable().await.map_err(PumpError::Read)?;
-        let buf = buffer.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        match from.try_read(buf) {
+        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(BUFFER_SIZE));
+        buf.clear();
+        // Reads into the spare capacity (never 0 bytes of room, so Ok(0) is EOF).
+        match from.try_read_buf(buf) {
             Ok(0) => return pass_fin(to),
             Ok(n) => {
                 write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
@@ -232,5 +314,70 @@ async fn idle_watch(last_activity: &AtomicU64, idle: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    /// Out of descriptors for a pipe, a direction copies in user space instead of failing.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn no_pipe_falls_back_to_copy_without_losing_bytes() {
+        if !splice_enabled() {
+            return; // SRVLB_SPLICE=0: the copy path is used anyway.
+        }
+        let (mut client, near) = pair().await;
+        let (far, mut reader) = pair().await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&data).await.expect("write");
+            client.shutdown().await.expect("fin");
+        });
+        let pipes = PipePool::exhausted();
+        let counter = AtomicU64::new(0);
+        let last = AtomicU64::new(0);
+        let pumped = async {
+            let end = pump(
+                &near,
+                &far,
+                &counter,
+                &last,
+                Side::Client,
+                &|_, _| {},
+                &pipes,
+            )
+            .await;
+            end.is_ok()
+        };
+        let read_all = async {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.expect("read");
+            got
+        };
+        let limit = Duration::from_secs(20);
+        let (ok, got) = tokio::time::timeout(limit, async { tokio::join!(pumped, read_all) })
+            .await
+            .expect("the copy finished");
+        writer.await.expect("writer");
+        assert!(ok, "the direction failed instead of copying");
+        assert!(
+            got == expected,
+            "bytes differ ({} of {})",
+            got.len(),
+            expected.len()
+        );
+        assert_eq!(counter.load(Ordering::Relaxed), expected.len() as u64);
     }
 }

@@ -97,18 +97,25 @@ pub fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
     config.allow.is_empty() || config.allow.iter().any(|net| net.contains(&ip))
 }
 
-/// Keeps a backend's active-connection count right however the task ends.
-struct ActiveGuard<'a>(&'a Backend);
+/// A backend's share of one client connection, from selection to close: it counts in the
+/// backend's active connections while the connect is still in flight, so that P2C sees a
+/// backend that is slow to accept as busy rather than idle during a burst. Dropped on a
+/// failed connect, and keeps the count right however the task ends.
+struct ActiveGuard(Arc<Backend>);
 
-impl<'a> ActiveGuard<'a> {
-    fn new(backend: &'a Backend) -> ActiveGuard<'a> {
+impl ActiveGuard {
+    fn new(backend: Arc<Backend>) -> ActiveGuard {
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
-        backend.stats.connections.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(backend)
+    }
+
+    /// The connect succeeded: only now is it a connection of the backend's.
+    fn connected(&self) {
+        self.0.stats.connections.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -123,6 +130,7 @@ impl Drop for ServiceActive<'_> {
 }
 
 static CONNECT_FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static LOCAL_RESOURCE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 // Ejections and re-admissions happen at most once per `base_ejection` per backend, but a
 // large pool losing a rack at once would still print a line per backend.
 static EJECTION_LOG: LogThrottle = LogThrottle::with_burst(Duration::from_secs(1), 20);
@@ -148,26 +156,32 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
         info!(service = %service.name, client = %peer, reason = "no_backend", "connection closed");
         return;
     }
-    let (backend, stream, attempts, connected_at) =
+    let (backend_active, stream, attempts, connected_at) =
         match connect_any(&service, &config, &snapshot, peer).await {
-            Some(found) => found,
-            None => {
-                service
-                    .stats
-                    .connect_exhausted
-                    .fetch_add(1, Ordering::Relaxed);
+            Ok(found) => found,
+            Err(failure) => {
+                let reason = match failure {
+                    NoBackend::Exhausted => {
+                        service
+                            .stats
+                            .connect_exhausted
+                            .fetch_add(1, Ordering::Relaxed);
+                        "all_backends_failed"
+                    }
+                    NoBackend::Local => "local_resources",
+                };
                 reset_on_close(&client);
                 info!(
                     service = %service.name,
                     client = %peer,
-                    reason = "all_backends_failed",
+                    reason,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "connection closed"
                 );
                 return;
             }
         };
-    let _backend_active = ActiveGuard::new(&backend);
+    let backend = &backend_active.0;
     let transfer = match send_proxy_header(&config, &client, peer, &stream).await {
         Ok(()) => {
             // The first byte either way proves the backend works: record the success then,
@@ -180,7 +194,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                     Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
                 };
                 if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
-                    record_success(&service, &backend, connected_at);
+                    record_success(&service, backend, connected_at);
                 }
             };
             proxy_streams(&client, &stream, config.idle_timeout, &count).await
@@ -191,11 +205,19 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                 client_to_backend: 0,
                 backend_to_client: 0,
                 first_to_finish: Some(Side::Backend),
+                first_finish_at: Some(now_ms()),
                 end: End::Reset(Side::Backend, e.kind()),
             }
         }
     };
-    judge_backend(&service, &config, &snapshot, &backend, &transfer);
+    judge_backend(
+        &service,
+        &config,
+        &snapshot,
+        backend,
+        connected_at,
+        &transfer,
+    );
     info!(
         service = %service.name,
         client = %peer,
@@ -210,21 +232,38 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
     );
 }
 
-/// A backend that closed or reset before a single byte moved either way failed (it accepted
-/// and then refused to serve). Success was recorded when the first byte moved; a reset after
-/// that is passed on to the client but says nothing reliable about new connections, and the
-/// client leaving first says nothing about the backend at all.
+/// A backend that reset before a single byte moved either way, or closed within
+/// `connect_timeout` of the connect, failed: it accepted and then refused to serve. A clean
+/// close later than that is a backend timing out a silent client (Postgres'
+/// authentication_timeout, an SMTP greeting wait): normal for protocols where the client
+/// speaks first, and no sign of trouble. Success was recorded when the first byte moved; a
+/// reset after that is passed on to the client but says nothing reliable about new
+/// connections, and the client leaving first says nothing about the backend at all.
 fn judge_backend(
     service: &Service,
     config: &ServiceConfig,
     snapshot: &Snapshot,
     backend: &Arc<Backend>,
+    connected_at: u64,
     transfer: &Transfer,
 ) {
     let moved = transfer.client_to_backend + transfer.backend_to_client;
-    if moved == 0 && transfer.first_to_finish == Some(Side::Backend) {
-        record_failure(service, config, snapshot, backend, "closed before any data");
+    if moved != 0 || transfer.first_to_finish != Some(Side::Backend) {
+        return;
     }
+    let why = if matches!(transfer.end, End::Reset(Side::Backend, _)) {
+        "reset before any data"
+    } else {
+        let window = u64::try_from(config.connect_timeout.as_millis()).unwrap_or(u64::MAX);
+        let closed_after = transfer
+            .first_finish_at
+            .map_or(u64::MAX, |at| at.saturating_sub(connected_at));
+        if closed_after > window {
+            return;
+        }
+        "closed before any data"
+    };
+    record_failure(service, config, snapshot, backend, why);
 }
 
 fn record_success(service: &Service, backend: &Backend, connected_at: u64) {
@@ -259,54 +298,89 @@ async fn send_proxy_header(
     copy::write_all(backend, &header).await
 }
 
+/// Why `connect_any` found no backend for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoBackend {
+    /// Every candidate it was allowed to try failed.
+    Exhausted,
+    /// This host could not make a connection at all (out of descriptors, ports or memory).
+    Local,
+}
+
 /// Walks the selector's candidates until one connects, at most `1 + connect_retries` times.
 async fn connect_any(
     service: &Service,
     config: &ServiceConfig,
     snapshot: &Snapshot,
     peer: SocketAddr,
-) -> Option<(Arc<Backend>, TcpStream, u32, u64)> {
+) -> Result<(ActiveGuard, TcpStream, u32, u64), NoBackend> {
     let key = client_key(peer, config.hash_key);
     let mut selector = Selector::new(snapshot, config.balance, key, now_ms());
     let mut attempts = 0u32;
     while attempts <= config.connect_retries {
-        let backend = {
+        let active = {
             let mut rng = rand::rng();
-            selector.next_backend(&mut rng)?
+            ActiveGuard::new(
+                selector
+                    .next_backend(&mut rng)
+                    .ok_or(NoBackend::Exhausted)?,
+            )
         };
+        let backend = &active.0;
         attempts += 1;
         if attempts > 1 {
             service.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
-        match connect(backend.addr(), config.connect_timeout).await {
-            Ok(stream) => return Some((backend, stream, attempts, now_ms())),
-            Err(e) => {
-                backend
-                    .stats
-                    .connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                let why = if e.kind() == io::ErrorKind::TimedOut {
-                    "connect timeout".to_owned()
-                } else {
-                    format!("connect: {e}")
-                };
-                if let Some(suppressed) = CONNECT_FAILURE_LOG.permit() {
-                    warn!(
-                        service = %service.name,
-                        backend = %backend.addr(),
-                        client = %peer,
-                        attempt = attempts,
-                        retrying = attempts <= config.connect_retries,
-                        error = %why,
-                        suppressed,
-                        "backend connect failed"
-                    );
-                }
-                record_failure(service, config, snapshot, &backend, &why);
+        let e = match connect(backend.addr(), config.connect_timeout).await {
+            Ok(stream) => {
+                active.connected();
+                return Ok((active, stream, attempts, now_ms()));
             }
+            Err(e) => e,
+        };
+        if e.blame == Blame::Local {
+            // Every other backend would fail the same way, and none of them is at fault:
+            // trying them would only spread wrong failure counts across the pool.
+            if let Some(suppressed) = LOCAL_RESOURCE_LOG.permit() {
+                warn!(
+                    service = %service.name,
+                    backend = %backend.addr(),
+                    client = %peer,
+                    error = %e.error,
+                    suppressed,
+                    "cannot connect to backends: out of local resources (descriptors, ports \
+                     or memory); client closed, backend not blamed"
+                );
+            }
+            return Err(NoBackend::Local);
+        }
+        let why = if e.error.kind() == io::ErrorKind::TimedOut {
+            "connect timeout".to_owned()
+        } else {
+            format!("connect: {}", e.error)
+        };
+        if let Some(suppressed) = CONNECT_FAILURE_LOG.permit() {
+            warn!(
+                service = %service.name,
+                backend = %backend.addr(),
+                client = %peer,
+                attempt = attempts,
+                retrying = attempts <= config.connect_retries,
+                error = %why,
+                blamed = e.blame == Blame::Backend,
+                suppressed,
+                "backend connect failed"
+            );
+        }
+        if e.blame == Blame::Backend {
+            backend
+                .stats
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed);
+            record_failure(service, config, snapshot, backend, &why);
         }
     }
-    None
+    Err(NoBackend::Exhausted)
 }
 
 fn record_failure(
@@ -317,16 +391,22 @@ fn record_failure(
     why: &str,
 ) {
     let policy = &config.health;
-    let verdict = {
+    let count = backend.health.count_failure(now_ms(), policy);
+    let verdict = if count.ejection_due {
         // Held across the cap check and the ejection so that concurrent failures of
-        // different backends cannot together exceed max_ejected_percent.
+        // different backends cannot together exceed max_ejected_percent. Taken only at the
+        // threshold: failures below it touch nothing shared but the backend's own atomics.
         let _gate = service.pool.ejection_gate();
         let now = now_ms();
-        backend.health.record_failure(now, policy, || {
+        backend.health.try_eject(now, policy, || {
             snapshot
                 .tier_of(backend)
                 .is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
         })
+    } else {
+        FailureVerdict::Counted {
+            consecutive: count.consecutive,
+        }
     };
     match verdict {
         FailureVerdict::Ejected {
@@ -358,15 +438,117 @@ fn record_failure(
     }
 }
 
+/// Whose fault a failed connect is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// Refused, reset, aborted, timed out or unreachable: the backend (or the path to it)
+    /// failed. Counts against its health; another backend is tried.
+    Backend,
+    /// This host is out of descriptors, ephemeral ports or memory. Says nothing about the
+    /// backend, and every other backend would fail the same way: nothing is counted and no
+    /// other backend is tried.
+    Local,
+    /// Anything else (EACCES/EPERM from a local firewall rule, an unexpected errno): not
+    /// known to be the backend's fault, so not counted, but another backend may work.
+    Unknown,
+}
+
+/// A failed connect and whose fault it is.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub blame: Blame,
+    pub error: io::Error,
+}
+
+/// Classifies an error of `connect(2)` (or of the timeout around it).
+pub fn blame(e: &io::Error) -> Blame {
+    use rustix::io::Errno;
+    if e.kind() == io::ErrorKind::TimedOut {
+        return Blame::Backend;
+    }
+    match Errno::from_io_error(e) {
+        Some(
+            Errno::CONNREFUSED
+            | Errno::CONNRESET
+            | Errno::CONNABORTED
+            | Errno::HOSTUNREACH
+            | Errno::NETUNREACH,
+        ) => Blame::Backend,
+        Some(Errno::ADDRNOTAVAIL | Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
+            Blame::Local
+        }
+        _ => Blame::Unknown,
+    }
+}
+
 /// Connects with TCP_NODELAY within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
     };
-    let stream = tokio::time::timeout(timeout, socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    stream.set_nodelay(true)?;
+    // No socket at all is always a local shortage, whatever the errno says.
+    let socket = socket.map_err(|error| ConnectError {
+        blame: Blame::Local,
+        error,
+    })?;
+    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            return Err(ConnectError {
+                blame: blame(&error),
+                error,
+            });
+        }
+        Err(_) => {
+            return Err(ConnectError {
+                blame: Blame::Backend,
+                error: io::ErrorKind::TimedOut.into(),
+            });
+        }
+    };
+    // Only fails when the connection is already gone; the transfer will report that.
+    let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(e: rustix::io::Errno) -> io::Error {
+        io::Error::from_raw_os_error(e.raw_os_error())
+    }
+
+    #[test]
+    fn only_backend_failures_are_blamed_on_the_backend() {
+        use rustix::io::Errno;
+        for e in [
+            Errno::CONNREFUSED,
+            Errno::CONNRESET,
+            Errno::CONNABORTED,
+            Errno::HOSTUNREACH,
+            Errno::NETUNREACH,
+            Errno::TIMEDOUT,
+        ] {
+            assert_eq!(blame(&errno(e)), Blame::Backend, "{e:?}");
+        }
+        assert_eq!(
+            blame(&io::ErrorKind::TimedOut.into()),
+            Blame::Backend,
+            "the connect_timeout"
+        );
+        for e in [
+            Errno::ADDRNOTAVAIL,
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+        ] {
+            assert_eq!(blame(&errno(e)), Blame::Local, "{e:?}");
+        }
+        for e in [Errno::ACCESS, Errno::PERM, Errno::INVAL] {
+            assert_eq!(blame(&errno(e)), Blame::Unknown, "{e:?}");
+        }
+    }
 }

@@ -35,10 +35,18 @@ impl Pipe {
 }
 
 /// Empty pipes ready for the next burst. The lock is held for a push or a pop only.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     created: AtomicU64,
+    /// Makes a new pipe; a field so that tests can simulate running out of descriptors.
+    make: fn() -> io::Result<Pipe>,
+}
+
+impl Default for PipePool {
+    fn default() -> PipePool {
+        PipePool::new()
+    }
 }
 
 impl PipePool {
@@ -46,6 +54,21 @@ impl PipePool {
         PipePool {
             idle: Mutex::new(Vec::new()),
             created: AtomicU64::new(0),
+            make: Pipe::new,
+        }
+    }
+
+    /// A pool that can never make a pipe, as when the process is out of descriptors.
+    #[cfg(test)]
+    pub(crate) const fn exhausted() -> PipePool {
+        PipePool {
+            idle: Mutex::new(Vec::new()),
+            created: AtomicU64::new(0),
+            make: || {
+                Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::MFILE.raw_os_error(),
+                ))
+            },
         }
     }
 
@@ -54,7 +77,7 @@ impl PipePool {
             return Ok(pipe);
         }
         self.created.fetch_add(1, Ordering::Relaxed);
-        Pipe::new()
+        (self.make)()
     }
 
     /// Returns an EMPTY pipe. A pipe that still holds bytes must be dropped instead, or the
@@ -91,6 +114,10 @@ pub enum SpliceEnd {
     Write(io::Error),
     /// The kernel refused splice for these sockets before any byte moved: copy instead.
     Unsupported,
+    /// No pipe could be had (out of descriptors). Pipes are taken only before a read, so
+    /// nothing is in flight: the caller continues with the userspace copy, which needs no
+    /// descriptor, instead of failing a healthy connection.
+    NoPipe(io::Error),
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -113,8 +140,7 @@ pub async fn splice_direction(
         }
         let pipe = match pool.take() {
             Ok(pipe) => pipe,
-            // Out of descriptors: report it as a read failure of this direction.
-            Err(e) => return SpliceEnd::Read(e),
+            Err(e) => return SpliceEnd::NoPipe(e),
         };
         let filled = from.try_io(Interest::READABLE, || {
             splice(
@@ -226,6 +252,20 @@ mod tests {
             "a pipe per chunk was created: {}",
             pool.created()
         );
+    }
+
+    #[tokio::test]
+    async fn no_pipe_is_reported_before_anything_is_read() {
+        let (mut client, a_near) = pair().await;
+        let (b_near, _reader) = pair().await;
+        client.write_all(b"queued").await.expect("write");
+        let pool = PipePool::exhausted();
+        let end = splice_direction(&a_near, &b_near, &pool, &mut |_| {}).await;
+        assert!(matches!(end, SpliceEnd::NoPipe(_)), "{end:?}");
+        // The bytes are still in the socket for the copy to take.
+        let mut buf = [0u8; 16];
+        let n = a_near.try_read(&mut buf).expect("still readable");
+        assert_eq!(&buf[..n], b"queued");
     }
 
     #[tokio::test]

@@ -1,0 +1,455 @@
+//! The data path's judgement of backends and its handling of local trouble, through the
+//! spawned srvlb binary on 127.0.0.1: what counts against a backend (and what must not), and
+//! how a connection ends when one side goes away. Every wait is bounded; deadlines are
+//! generous for a loaded 2-core box, and the behaviour asserted would take far longer (or
+//! never happen) without the fix each test guards.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::harness::{Mode, Srvlb, TestBackend, eventually, free_port, http_get, who_answers};
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// srvlb with one service "app" on `listen` over static `backends`.
+struct Lb {
+    srvlb: Srvlb,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Lb {
+    fn start(backends: &[SocketAddr], service: &str, health: &str) -> Lb {
+        let listen = local(free_port());
+        let admin = local(free_port());
+        let statics = backends
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = format!(
+            r#"
+[global]
+admin = "{admin}"
+shutdown_grace = "1s"
+
+[[service]]
+name = "app"
+listen = ["{listen}"]
+static = [{statics}]
+{service}
+
+[service.health]
+{health}
+"#
+        );
+        let lb = Lb {
+            srvlb: Srvlb::start(&config),
+            listen,
+            admin,
+        };
+        let loaded = eventually(Duration::from_secs(10), || {
+            lb.backends().len() == backends.len()
+        });
+        assert!(loaded, "srvlb never loaded its {} backends", backends.len());
+        lb
+    }
+
+    fn backends(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&http_get(self.admin, "/status"))
+            .ok()
+            .and_then(|s| s["services"][0]["backends"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    fn ejected(&self) -> usize {
+        self.backends()
+            .iter()
+            .filter(|b| b["state"] == "ejected")
+            .count()
+    }
+
+    /// The sum of a per-backend counter over all backends.
+    fn backend_metric_sum(&self, name: &str) -> u64 {
+        http_get(self.admin, "/metrics")
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn log(&self) -> String {
+        self.srvlb.log().join("\n")
+    }
+}
+
+/// Descriptor numbers open in process `pid`.
+fn open_fds(pid: u32) -> Vec<u32> {
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort_unstable();
+    fds
+}
+
+fn set_soft_nofile(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={soft}:"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit --nofile={soft}: failed");
+}
+
+fn soft_nofile(pid: u32) -> String {
+    let out = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            "--nofile",
+            "--output=SOFT",
+            "--noheadings",
+        ])
+        .output()
+        .expect("run prlimit");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// srvlb out of descriptors must not blame its backends: with one descriptor left, each
+/// client is accepted but no backend socket can be made. Before the fix every such client
+/// counted as a connect failure of (in turn) every backend and, with
+/// `consecutive_failures = 1`, ejected the whole healthy pool.
+#[test]
+fn running_out_of_descriptors_ejects_no_backend() {
+    let b1 = TestBackend::start("b1", Mode::Identify);
+    let b2 = TestBackend::start("b2", Mode::Identify);
+    let lb = Lb::start(
+        &[b1.addr, b2.addr],
+        "connect_retries = 1",
+        "consecutive_failures = 1\nmax_ejected_percent = 100",
+    );
+    assert!(
+        who_answers(lb.listen).is_ok(),
+        "srvlb serves before the test"
+    );
+    let pid = lb.srvlb.pid();
+    let original = soft_nofile(pid);
+
+    // Wait until the descriptor table is quiet (the admin and client connections above are
+    // closed), then allow exactly one more descriptor: the limit caps descriptor numbers, so
+    // it goes right above the first free number.
+    let mut fds = open_fds(pid);
+    let quiet = eventually(Duration::from_secs(10), || {
+        thread::sleep(Duration::from_millis(100));
+        let now = open_fds(pid);
+        let same = now == fds;
+        fds = now;
+        same
+    });
+    assert!(quiet, "srvlb's descriptors never settled: {fds:?}");
+    let mut free = (0u32..).filter(|n| !fds.contains(n));
+    let _first_free = free.next();
+    let second_free = free.next().expect("a second free descriptor number");
+    set_soft_nofile(pid, &second_free.to_string());
+
+    let mut closed = 0;
+    for _ in 0..6 {
+        let Ok(mut client) = TcpStream::connect(lb.listen) else {
+            continue;
+        };
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        // The client must be closed (reset), not left waiting; a backend greeting would mean
+        // a descriptor was free after all, which proves nothing but harms nothing either.
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => closed += 1,
+            Ok(_) => {}
+        }
+    }
+    set_soft_nofile(pid, &original);
+    assert!(closed >= 1, "no client ever hit the descriptor limit");
+
+    assert_eq!(lb.ejected(), 0, "a backend was ejected; log:\n{}", lb.log());
+    assert_eq!(
+        lb.backend_metric_sum("srvlb_backend_connect_failures_total"),
+        0,
+        "local failures were counted against backends; log:\n{}",
+        lb.log()
+    );
+    assert!(
+        lb.srvlb.log_contains("out of local resources"),
+        "the local problem was not logged; log:\n{}",
+        lb.log()
+    );
+    // And srvlb is fine once descriptors are back.
+    assert!(eventually(Duration::from_secs(10), || who_answers(
+        lb.listen
+    )
+    .is_ok()));
+}
+
+/// A backend that accepts and, after `delay`, closes cleanly without a byte.
+fn closing_backend(delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind(local(0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || {
+                thread::sleep(delay);
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
+
+/// Connects a silent client and waits until srvlb has closed it and logged the close.
+fn silent_client_until_closed(lb: &Lb) -> Duration {
+    let started = Instant::now();
+    let mut client = TcpStream::connect(lb.listen).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the backend sent {n} bytes"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("srvlb never closed the client; log:\n{}", lb.log())
+        }
+        Err(_) => {} // reset: closed as well
+    }
+    let waited = started.elapsed();
+    drop(client);
+    lb.srvlb
+        .wait_log("connection closed", Duration::from_secs(10));
+    waited
+}
+
+/// A backend that times out a client which never speaks (Postgres' authentication_timeout)
+/// is doing its job: it must not be ejected.
+#[test]
+fn backend_closing_a_silent_client_after_its_own_timeout_is_not_ejected() {
+    let backend = closing_backend(Duration::from_millis(1500));
+    let lb = Lb::start(
+        &[backend],
+        "connect_timeout = \"500ms\"",
+        "consecutive_failures = 1\nmax_ejected_percent = 100",
+    );
+    let waited = silent_client_until_closed(&lb);
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}"
+    );
+    assert_eq!(lb.ejected(), 0, "ejected; log:\n{}", lb.log());
+    assert!(
+        !lb.srvlb.log_contains("backend ejected"),
+        "log:\n{}",
+        lb.log()
+    );
+}
+
+/// A backend that accepts and closes at once is broken (an overloaded server shedding
+/// connections, a proxy with no upstream): ejected.
+#[test]
+fn backend_closing_at_once_without_data_is_ejected() {
+    let backend = closing_backend(Duration::ZERO);
+    let lb = Lb::start(
+        &[backend],
+        "connect_timeout = \"2s\"",
+        "consecutive_failures = 1\nmax_ejected_percent = 100",
+    );
+    silent_client_until_closed(&lb);
+    assert!(
+        eventually(Duration::from_secs(10), || lb.ejected() == 1),
+        "not ejected; log:\n{}",
+        lb.log()
+    );
+    assert!(lb.srvlb.log_contains("closed before any data"));
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks (usually 100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A backend that never writes: it reports when the client's FIN arrives and then when its
+/// socket gets an error (srvlb's reset), checking SO_ERROR so that it stays silent.
+fn silent_backend() -> (SocketAddr, mpsc::Receiver<(&'static str, Instant)>) {
+    let listener = TcpListener::bind(local(0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.send(("eof", Instant::now()));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = tx.send(("read error", Instant::now()));
+                    return;
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = stream.take_error() {
+                let _ = tx.send(("reset", Instant::now()));
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = tx.send(("still open", Instant::now()));
+    });
+    (addr, rx)
+}
+
+/// A client that half-closes and then resets must not leave the backend leg open until the
+/// idle timeout just because the backend is silent: the reset is passed on.
+#[test]
+fn reset_after_half_close_reaches_a_silent_backend() {
+    let (backend, events) = silent_backend();
+    let lb = Lb::start(&[backend], "idle_timeout = \"60s\"", "");
+    let mut client = TcpStream::connect(lb.listen).expect("connect");
+    client.write_all(b"hi").expect("write");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let (what, _) = events
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backend saw no FIN");
+    assert_eq!(what, "eof");
+    // Watching the finished side must not spin: srvlb stays (nearly) idle meanwhile.
+    let cpu_before = cpu_ticks(lb.srvlb.pid());
+    thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(lb.srvlb.pid()) - cpu_before;
+    assert!(
+        spent < 30,
+        "srvlb used {spent} clock ticks in 1 s of a half-closed idle connection"
+    );
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    let reset_at = Instant::now();
+    drop(client); // RST
+    let (what, seen) = events
+        .recv_timeout(Duration::from_secs(35))
+        .expect("backend thread gone");
+    assert_eq!(what, "reset", "log:\n{}", lb.log());
+    let after = seen.duration_since(reset_at);
+    assert!(
+        after < Duration::from_secs(5),
+        "the backend leg was reset only {after:?} after the client's reset"
+    );
+    assert!(eventually(Duration::from_secs(5), || lb
+        .srvlb
+        .log_contains("reason=client_reset")));
+    eprintln!("reset after half-close reached the backend in {after:?}");
+}
+
+/// A listener whose accept queue is full: connects to it hang until they time out.
+struct BlackHole {
+    _listener: socket2::Socket,
+    _queued: Vec<socket2::Socket>,
+    addr: SocketAddr,
+}
+
+fn black_hole() -> BlackHole {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    listener.bind(&local(0).into()).expect("bind black hole");
+    listener.listen(0).expect("listen");
+    let addr = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("black hole address");
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        if s.connect_timeout(&addr.into(), Duration::from_millis(300))
+            .is_err()
+        {
+            break;
+        }
+        queued.push(s);
+    }
+    BlackHole {
+        _listener: listener,
+        _queued: queued,
+        addr,
+    }
+}
+
+impl Lb {
+    fn backend_metric(&self, name: &str, backend: SocketAddr) -> Option<u64> {
+        let needle = format!("backend=\"{backend}\"");
+        http_get(self.admin, "/metrics")
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+}
+
+/// A connect still in flight counts as an active connection of its backend (P2C compares
+/// these), and stops counting when it fails; only a connect that succeeds is counted in
+/// the backend's connections.
+#[test]
+fn a_connect_in_flight_counts_as_active_until_it_fails() {
+    let hole = black_hole();
+    let lb = Lb::start(
+        &[hole.addr],
+        "balance = \"p2c\"\nconnect_timeout = \"4s\"\nconnect_retries = 0",
+        "",
+    );
+    let mut client = TcpStream::connect(lb.listen).expect("connect");
+    let pending = eventually(Duration::from_secs(3), || {
+        lb.backend_metric("srvlb_backend_active_connections", hole.addr) == Some(1)
+    });
+    assert!(pending, "the pending connect was not counted as active");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    let _ = client.read(&mut buf); // closed once the connect times out
+    let released = eventually(Duration::from_secs(10), || {
+        lb.backend_metric("srvlb_backend_active_connections", hole.addr) == Some(0)
+    });
+    assert!(released, "the failed connect stayed counted as active");
+    assert_eq!(
+        lb.backend_metric("srvlb_backend_connections_total", hole.addr),
+        Some(0),
+        "a failed connect was counted as a connection"
+    );
+}
