@@ -17,10 +17,11 @@ use hickory_resolver::config::{
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::config::{ResolverConfig, ServiceConfig};
@@ -95,11 +96,34 @@ impl DiscoveryStatus {
     }
 }
 
+/// At most this many target address lookups of one refresh run at once: enough that a large
+/// answer resolves in a few rounds, few enough not to flood the DNS server.
+const TARGET_CONCURRENCY: usize = 16;
+
+/// Targets that could not be resolved this round (SERVFAIL, timeout, the budget spent), as
+/// counts for one log line per refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved {
+    /// Targets skipped this round: no address now and none from an earlier answer.
+    pub skipped: usize,
+    /// Targets served with their addresses from an earlier answer.
+    pub kept: usize,
+    /// Distinct targets in the answer.
+    pub targets: usize,
+    /// One of the errors, as an example.
+    pub error: String,
+}
+
 /// The outcome of one SRV lookup, classified the way the refresh rules need it.
 #[derive(Debug)]
 pub enum Answer {
     /// Records (possibly after resolving targets) and the smallest TTL among them.
-    Found { endpoints: Vec<Endpoint>, ttl: u32 },
+    /// `unresolved` is set when some targets failed transiently and were skipped or kept.
+    Found {
+        endpoints: Vec<Endpoint>,
+        ttl: u32,
+        unresolved: Option<Unresolved>,
+    },
     /// NXDOMAIN, an empty answer, or the lone target "." (service deliberately absent).
     Absent(&'static str),
     /// Timeout, SERVFAIL, REFUSED, network error: says nothing about the service.
@@ -118,6 +142,76 @@ fn absence(e: &NetError) -> Option<&'static str> {
         },
         _ => None,
     }
+}
+
+/// What the address lookup of one SRV target gave.
+#[derive(Debug)]
+enum TargetAddrs {
+    /// Addresses and the smallest TTL among their records.
+    Found(Vec<IpAddr>, u32),
+    /// NXDOMAIN or NODATA: the target authoritatively has no address.
+    None,
+    /// SERVFAIL, timeout, network error, or no answer within the refresh's budget.
+    Transient(String),
+}
+
+/// Resolves `targets` (lower-case key, name) concurrently, at most `TARGET_CONCURRENCY` at a
+/// time, all within one budget of twice the resolver timeout: a refresh must not take
+/// "targets x timeout" when the server is slow. A target still unanswered at the deadline
+/// counts as a transient failure.
+async fn resolve_targets(
+    resolver: &TokioResolver,
+    targets: Vec<(String, Name)>,
+) -> HashMap<String, TargetAddrs> {
+    let deadline = tokio::time::Instant::now() + resolver.options().timeout.saturating_mul(2);
+    let keys: Vec<String> = targets.iter().map(|(key, _)| key.clone()).collect();
+    let mut queue = targets.into_iter();
+    let mut running = JoinSet::new();
+    let mut results = HashMap::new();
+    loop {
+        while running.len() < TARGET_CONCURRENCY {
+            let Some((key, name)) = queue.next() else {
+                break;
+            };
+            // The resolver is a handle on shared state: cloning it is cheap.
+            let resolver = resolver.clone();
+            running.spawn(async move {
+                let addrs = match resolver.lookup_ip(name).await {
+                    Ok(found) => {
+                        let ttl = found
+                            .as_lookup()
+                            .answers()
+                            .iter()
+                            .map(|r| r.ttl)
+                            .min()
+                            .unwrap_or(u32::MAX);
+                        TargetAddrs::Found(found.iter().collect(), ttl)
+                    }
+                    Err(e) if absence(&e).is_some() => {
+                        debug!(target = %key, error = %e, "SRV target has no address");
+                        TargetAddrs::None
+                    }
+                    Err(e) => TargetAddrs::Transient(e.to_string()),
+                };
+                (key, addrs)
+            });
+        }
+        match tokio::time::timeout_at(deadline, running.join_next()).await {
+            Ok(Some(Ok((key, addrs)))) => {
+                results.insert(key, addrs);
+            }
+            // A task that panicked: its target is reported unresolved below.
+            Ok(Some(Err(_))) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // Dropping `running` aborts lookups still in flight at the deadline.
+    for key in keys {
+        results.entry(key).or_insert_with(|| {
+            TargetAddrs::Transient("no answer within the refresh's lookup budget".to_owned())
+        });
+    }
+    results
 }
 
 /// Performs one SRV lookup of `name` and resolves its targets. `known` holds the addresses
@@ -148,47 +242,65 @@ pub async fn lookup_srv(
     if records.len() == 1 && records[0].target.is_root() {
         return Answer::Absent("target \".\" (service absent)");
     }
-    let mut endpoints = Vec::new();
+    // Addresses from the additional section first; the other targets get their own queries.
     let mut addresses: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    let mut to_resolve: Vec<(String, Name)> = Vec::new();
     for srv in records.iter().filter(|s| !s.target.is_root()) {
         let target = srv.target.to_lowercase().to_string();
-        if !addresses.contains_key(&target) {
-            let mut from_additional = Vec::new();
-            for record in lookup.additionals() {
-                if record.name.to_lowercase() != srv.target.to_lowercase() {
-                    continue;
-                }
-                match &record.data {
-                    RData::A(a) => from_additional.push(IpAddr::V4(a.0)),
-                    RData::AAAA(aaaa) => from_additional.push(IpAddr::V6(aaaa.0)),
-                    _ => continue,
-                }
-                ttl = ttl.min(record.ttl);
+        if addresses.contains_key(&target) || to_resolve.iter().any(|(t, _)| *t == target) {
+            continue;
+        }
+        let mut from_additional = Vec::new();
+        for record in lookup.additionals() {
+            if record.name.to_lowercase() != srv.target.to_lowercase() {
+                continue;
             }
-            let ips = if from_additional.is_empty() {
-                match resolver.lookup_ip(srv.target.clone()).await {
-                    Ok(found) => {
-                        for record in found.as_lookup().answers() {
-                            ttl = ttl.min(record.ttl);
-                        }
-                        found.iter().collect()
+            match &record.data {
+                RData::A(a) => from_additional.push(IpAddr::V4(a.0)),
+                RData::AAAA(aaaa) => from_additional.push(IpAddr::V6(aaaa.0)),
+                _ => continue,
+            }
+            ttl = ttl.min(record.ttl);
+        }
+        if from_additional.is_empty() {
+            to_resolve.push((target, srv.target.clone()));
+        } else {
+            addresses.insert(target, from_additional);
+        }
+    }
+    let targets = addresses.len() + to_resolve.len();
+    let (mut skipped, mut kept, mut error) = (0, 0, None);
+    for (target, addrs) in resolve_targets(resolver, to_resolve).await {
+        let ips = match addrs {
+            TargetAddrs::Found(ips, found_ttl) => {
+                ttl = ttl.min(found_ttl);
+                ips
+            }
+            // The target authoritatively has no address: it gives no backend (the damping
+            // rule still guards against losing most of them at once).
+            TargetAddrs::None => Vec::new(),
+            // Says nothing about the target (a new registration's A record may not be
+            // ready yet): keep what it had, or skip it this round, but never let it spoil
+            // the rest of the answer.
+            TargetAddrs::Transient(e) => {
+                error.get_or_insert_with(|| format!("resolving {target}: {e}"));
+                match known.get(&target) {
+                    Some(previous) => {
+                        kept += 1;
+                        previous.clone()
                     }
-                    // The target authoritatively has no address: it gives no backend (the
-                    // damping rule still guards against losing most of them at once).
-                    Err(e) if absence(&e).is_some() => {
-                        debug!(target = %target, error = %e, "SRV target has no address");
+                    None => {
+                        skipped += 1;
                         Vec::new()
                     }
-                    Err(e) => match known.get(&target) {
-                        Some(previous) => previous.clone(),
-                        None => return Answer::Failed(format!("resolving {target}: {e}")),
-                    },
                 }
-            } else {
-                from_additional
-            };
-            addresses.insert(target.clone(), ips);
-        }
+            }
+        };
+        addresses.insert(target, ips);
+    }
+    let mut endpoints = Vec::new();
+    for srv in records.iter().filter(|s| !s.target.is_root()) {
+        let target = srv.target.to_lowercase().to_string();
         for ip in addresses.get(&target).into_iter().flatten() {
             endpoints.push(Endpoint {
                 target: target.clone(),
@@ -199,10 +311,33 @@ pub async fn lookup_srv(
             });
         }
     }
+    let unresolved = error.map(|error| Unresolved {
+        skipped,
+        kept,
+        targets,
+        error,
+    });
     if endpoints.is_empty() {
-        return Answer::Absent("no SRV target has an address");
+        // Nothing usable, and at least one target's lookup said nothing about it: that is
+        // a failed lookup (keep the last set), not an authoritative "absent".
+        return match unresolved {
+            Some(u) => Answer::Failed(format!(
+                "no SRV target could be resolved ({} of {} failed; {})",
+                u.skipped, u.targets, u.error
+            )),
+            None => Answer::Absent("no SRV target has an address"),
+        };
     }
-    Answer::Found { endpoints, ttl }
+    if unresolved.is_some() {
+        // Look again soon (min_refresh) rather than after the SRV TTL: the skipped targets
+        // are probably only a moment away.
+        ttl = 0;
+    }
+    Answer::Found {
+        endpoints,
+        ttl,
+        unresolved,
+    }
 }
 
 fn absolute(name: &str) -> String {
@@ -366,6 +501,8 @@ pub struct Discovery {
     consecutive_failures: u32,
     /// Whether any lookup has answered yet (start-up failures get their own log line).
     answered: bool,
+    /// (skipped, kept, targets) of the last answer with unresolved targets, for logging.
+    unresolved_counts: Option<(usize, usize, usize)>,
     tier_watch: TierWatch,
 }
 
@@ -391,6 +528,7 @@ impl Discovery {
             absent_since: None,
             consecutive_failures: 0,
             answered: false,
+            unresolved_counts: None,
             tier_watch: TierWatch::default(),
         }
     }
@@ -410,7 +548,21 @@ impl Discovery {
             }
         };
         loop {
-            let delay = self.refresh(&srv).await;
+            // The lookup is the long part of a refresh (up to the SRV timeout plus the
+            // targets' budget): it runs under the same select, so a retired service's task
+            // ends at once instead of finishing a refresh nobody wants.
+            let answer = {
+                let lookup = lookup_srv(&self.resolver, &srv, &self.known_addresses);
+                tokio::pin!(lookup);
+                loop {
+                    tokio::select! {
+                        answer = &mut lookup => break answer,
+                        _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                }
+            };
+            let delay = self.refresh(&srv, answer);
             let next = tokio::time::sleep(delay);
             tokio::pin!(next);
             loop {
@@ -423,12 +575,16 @@ impl Discovery {
         }
     }
 
-    /// One lookup and its consequences; returns when to look again.
-    async fn refresh(&mut self, srv: &str) -> Duration {
-        let answer = lookup_srv(&self.resolver, srv, &self.known_addresses).await;
+    /// The consequences of one lookup's answer; returns when to look again.
+    fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
         let mut rng = rand::rng();
         match answer {
-            Answer::Found { endpoints, ttl } => {
+            Answer::Found {
+                endpoints,
+                ttl,
+                unresolved,
+            } => {
+                self.log_unresolved(srv, unresolved);
                 self.answered = true;
                 self.consecutive_failures = 0;
                 if self.status.succeed() {
@@ -492,6 +648,27 @@ impl Discovery {
                 }
                 delay
             }
+        }
+    }
+
+    /// One line per refresh about targets that could not be resolved: a warning when the
+    /// counts change (a target starts or stops failing), at debug while they stay the same,
+    /// so a target that keeps failing does not fill the log.
+    fn log_unresolved(&mut self, srv: &str, unresolved: Option<Unresolved>) {
+        let counts = unresolved.as_ref().map(|u| (u.skipped, u.kept, u.targets));
+        let changed = counts != self.unresolved_counts;
+        self.unresolved_counts = counts;
+        match unresolved {
+            Some(u) if changed => {
+                warn!(service = %self.service, srv, skipped = u.skipped, kept_previous = u.kept, targets = u.targets, error = %u.error, "some SRV targets could not be resolved; serving the others")
+            }
+            Some(u) => {
+                debug!(service = %self.service, srv, skipped = u.skipped, kept_previous = u.kept, targets = u.targets, error = %u.error, "some SRV targets could not be resolved; serving the others")
+            }
+            None if changed => {
+                info!(service = %self.service, srv, "every SRV target resolves again")
+            }
+            None => {}
         }
     }
 
@@ -654,6 +831,7 @@ mod tests {
             absent_since: None,
             consecutive_failures: 0,
             answered: false,
+            unresolved_counts: None,
             tier_watch: TierWatch::default(),
         }
     }

@@ -402,6 +402,95 @@ fn a_target_without_address_gives_no_backend() {
     assert_eq!(sorted(lb.answers(20)), ["b1", "b2"]);
 }
 
+/// A target whose address lookup fails transiently (its A record is not ready yet: SERVFAIL)
+/// is skipped this round; the other target is served from the very first lookup, and the
+/// service is not stale. Once the target resolves, it joins.
+#[test]
+fn a_target_failing_transiently_does_not_spoil_the_others() {
+    let dns = Dns::start();
+    let b = backends(&["b1", "b2"]);
+    dns.publish(&[(&b[0], 10, 10), (&b[1], 10, 10)]);
+    let b2 = srv_host("b2");
+    dns.server.set_name_failure(&b2, Some(Failure::ServFail));
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    // Every client of the first lookup's pool reaches b1; none is closed for want of it.
+    assert_eq!(sorted(lb.answers(10)), ["b1"]);
+    assert!(!lb.stale(), "one unresolved target made the service stale");
+    assert!(dns.server.queries(&b2) > 0, "b2 was never looked up");
+    assert!(
+        logged(
+            &lb,
+            &[
+                "some SRV targets could not be resolved",
+                "skipped=1",
+                "targets=2"
+            ]
+        ),
+        "{}",
+        lb.srvlb.log().join("\n")
+    );
+
+    dns.server.set_name_failure(&b2, None);
+    lb.wait_serving(&["b1", "b2"], Duration::from_secs(15));
+    lb.srvlb
+        .wait_log("every SRV target resolves again", Duration::from_secs(5));
+    assert!(!lb.stale());
+}
+
+/// Targets are resolved concurrently under one budget (2 x the 1 s timeout): eight targets
+/// whose server never answers delay a refresh by about 2 s, not 8 x 1 s.
+#[test]
+fn unanswered_targets_are_resolved_together_within_one_budget() {
+    let dns = Dns::start();
+    let b = TestBackend::start("b1", Mode::Identify);
+    dns.publish(&[(&b, 10, 10)]);
+    let mut records = vec![Srv {
+        priority: 10,
+        weight: 10,
+        port: b.port(),
+        target: srv_host("b1"),
+    }];
+    for i in 0..8 {
+        let slow = srv_host(&format!("slow{i}"));
+        dns.server.set_name_failure(&slow, Some(Failure::Drop));
+        records.push(Srv {
+            priority: 10,
+            weight: 10,
+            port: b.port(),
+            target: slow,
+        });
+    }
+    dns.server.set_srv(SRV_NAME, 1, &records);
+    let started = Instant::now();
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    lb.wait_serving(&["b1"], Duration::from_secs(15));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "first lookup took {took:?}; targets resolved one after another?"
+    );
+    assert!(logged(&lb, &["skipped=8", "targets=9"]));
+}
+
+/// When no target resolves and one failed transiently, the lookup as a whole failed: stale,
+/// not "absent" (which would empty a pool after the hold).
+#[test]
+fn no_target_resolving_because_of_a_transient_failure_is_a_failed_lookup() {
+    let dns = Dns::start();
+    let b = TestBackend::start("b1", Mode::Identify);
+    dns.publish(&[(&b, 10, 10)]);
+    let b1 = srv_host("b1");
+    dns.server.set_name_failure(&b1, Some(Failure::ServFail));
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    lb.srvlb
+        .wait_log("first DNS lookup failed", Duration::from_secs(10));
+    assert!(lb.stale());
+    assert!(!logged(&lb, &["service absent from DNS"]));
+    dns.server.set_name_failure(&b1, None);
+    lb.wait_serving(&["b1"], Duration::from_secs(15));
+    assert!(!lb.stale());
+}
+
 // ---------------------------------------------------------------------------------------
 // TTL-driven refresh
 // ---------------------------------------------------------------------------------------
