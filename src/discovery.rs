@@ -534,7 +534,7 @@ impl Discovery {
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        self.publish();
+        self.publish().await;
         let mut tier_tick = tokio::time::interval(TIER_CHECK);
         tier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Some(srv) = self.srv.clone() else {
@@ -562,7 +562,7 @@ impl Discovery {
                     }
                 }
             };
-            let delay = self.refresh(&srv, answer);
+            let delay = self.refresh(&srv, answer).await;
             let next = tokio::time::sleep(delay);
             tokio::pin!(next);
             loop {
@@ -576,8 +576,8 @@ impl Discovery {
     }
 
     /// The consequences of one lookup's answer; returns when to look again.
-    fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
-        let mut rng = rand::rng();
+    async fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
+        // `rand::rng()` per use: the thread-local generator must not be held across an await.
         match answer {
             Answer::Found {
                 endpoints,
@@ -594,8 +594,8 @@ impl Discovery {
                     info!(service = %self.service, srv, backends = endpoints.len(), "SRV records are back; empty hold cancelled");
                 }
                 self.remember_addresses(&endpoints);
-                self.accept_answer(endpoints);
-                refresh_interval(ttl, &self.settings, &mut rng)
+                self.accept_answer(endpoints).await;
+                refresh_interval(ttl, &self.settings, &mut rand::rng())
             }
             Answer::Absent(why) => {
                 self.answered = true;
@@ -624,19 +624,20 @@ impl Discovery {
                     if !self.current.is_empty() {
                         warn!(service = %self.service, srv, reason = why, held_ms = held.as_millis() as u64, backends = self.current.len(), "empty hold elapsed; removing the service's SRV backends");
                         self.current.clear();
-                        self.publish();
+                        self.publish().await;
                     }
-                    return refresh_interval(0, &self.settings, &mut rng);
+                    return refresh_interval(0, &self.settings, &mut rand::rng());
                 }
                 // Look again at min_refresh, and no later than the end of the hold, so that
                 // the pool empties on time (or the hold is cancelled as soon as DNS says so).
                 let remaining = hold.saturating_sub(held);
-                refresh_interval(0, &self.settings, &mut rng)
+                refresh_interval(0, &self.settings, &mut rand::rng())
                     .min(remaining.max(Duration::from_millis(50)))
             }
             Answer::Failed(why) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                let delay = failure_backoff(self.consecutive_failures, &self.settings, &mut rng);
+                let delay =
+                    failure_backoff(self.consecutive_failures, &self.settings, &mut rand::rng());
                 let first = self.status.fail(why.clone());
                 let retry_ms = delay.as_millis() as u64;
                 if !self.answered && first {
@@ -685,7 +686,7 @@ impl Discovery {
 
     /// Applies a new answer, unless it would remove more than half of the backends at once:
     /// such an answer is applied only when the next lookup says the same.
-    fn accept_answer(&mut self, mut endpoints: Vec<Endpoint>) {
+    async fn accept_answer(&mut self, mut endpoints: Vec<Endpoint>) {
         endpoints.sort_by(|a, b| (&a.target, a.port, a.addr).cmp(&(&b.target, b.port, b.addr)));
         if endpoints == self.current {
             if self.pending.take().is_some() {
@@ -708,13 +709,19 @@ impl Discovery {
         }
         self.pending = None;
         self.current = endpoints;
-        self.publish();
+        self.publish().await;
     }
 
-    fn publish(&mut self) {
+    async fn publish(&mut self) {
         let mut all = self.current.clone();
         all.extend(self.statics.iter().cloned());
-        match self.pool.update(&all) {
+        let result = self.pool.update_off_runtime(all).await;
+        if let Ok(change) = &result {
+            if change.capped > 0 {
+                warn!(service = %self.service, left_out = change.capped, max_backends = crate::pool::MAX_BACKENDS, max_tiers = crate::pool::MAX_TIERS, "answer too large; keeping only the preferred priorities and backends");
+            }
+        }
+        match result {
             Ok(change) if !change.is_noop() => info!(
                 service = %self.service,
                 added = change.added,
@@ -851,17 +858,17 @@ mod tests {
         let pool = Arc::new(Pool::new("svc", 1009));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
-        d.accept_answer(full.clone());
+        d.accept_answer(full.clone()).await;
         assert_eq!(served(&pool), ["a.", "b.", "c."]);
         // Removing 2 of 3 is held back...
-        d.accept_answer(vec![ep("a.", 1)]);
+        d.accept_answer(vec![ep("a.", 1)]).await;
         assert_eq!(served(&pool), ["a.", "b.", "c."]);
         // ...and applied when the next lookup says the same.
-        d.accept_answer(vec![ep("a.", 1)]);
+        d.accept_answer(vec![ep("a.", 1)]).await;
         assert_eq!(served(&pool), ["a."]);
         // Removing exactly half (1 of 2) is not "more than half": applied at once.
-        d.accept_answer(vec![ep("a.", 1), ep("b.", 2)]);
-        d.accept_answer(vec![ep("b.", 2)]);
+        d.accept_answer(vec![ep("a.", 1), ep("b.", 2)]).await;
+        d.accept_answer(vec![ep("b.", 2)]).await;
         assert_eq!(served(&pool), ["b."]);
     }
 
@@ -870,17 +877,17 @@ mod tests {
         let pool = Arc::new(Pool::new("svc", 1009));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
-        d.accept_answer(full.clone());
+        d.accept_answer(full.clone()).await;
         let generation = pool.snapshot().generation;
-        d.accept_answer(vec![ep("c.", 3)]);
+        d.accept_answer(vec![ep("c.", 3)]).await;
         // The full answer again, in another order: nothing changes, nothing drains.
         let mut reordered = full.clone();
         reordered.reverse();
-        d.accept_answer(reordered);
+        d.accept_answer(reordered).await;
         assert!(d.pending.is_none());
         assert_eq!(pool.snapshot().generation, generation);
         // A later broken answer must again wait for confirmation (the old one was forgotten).
-        d.accept_answer(vec![ep("c.", 3)]);
+        d.accept_answer(vec![ep("c.", 3)]).await;
         assert_eq!(served(&pool), ["a.", "b.", "c."]);
         assert!(
             pool.states()
