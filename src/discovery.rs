@@ -487,7 +487,11 @@ pub struct Discovery {
     srv: Option<String>,
     statics: Vec<Endpoint>,
     resolver: Arc<TokioResolver>,
+    /// The refresh settings in use: taken from `settings_updates` at each refresh.
     settings: ResolverConfig,
+    /// A reload that changes only min_refresh, max_refresh or empty_hold sends them here
+    /// instead of restarting discovery (which would throw away the pool's state).
+    settings_updates: watch::Receiver<ResolverConfig>,
     pool: Arc<Pool>,
     status: Arc<DiscoveryStatus>,
     /// Addresses of SRV targets from the last good answer.
@@ -510,16 +514,18 @@ impl Discovery {
     pub fn new(
         service: &ServiceConfig,
         resolver: Arc<TokioResolver>,
-        settings: ResolverConfig,
+        mut settings_updates: watch::Receiver<ResolverConfig>,
         pool: Arc<Pool>,
         status: Arc<DiscoveryStatus>,
     ) -> Discovery {
+        let settings = settings_updates.borrow_and_update().clone();
         Discovery {
             service: service.name.clone(),
             srv: service.srv.clone(),
             statics: static_endpoints(&service.static_backends),
             resolver,
             settings,
+            settings_updates,
             pool,
             status,
             known_addresses: HashMap::new(),
@@ -577,6 +583,10 @@ impl Discovery {
 
     /// The consequences of one lookup's answer; returns when to look again.
     async fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
+        // Settings from a reload apply from here on: the hold, the next interval.
+        if self.settings_updates.has_changed().unwrap_or(false) {
+            self.settings = self.settings_updates.borrow_and_update().clone();
+        }
         // `rand::rng()` per use: the thread-local generator must not be held across an await.
         match answer {
             Answer::Found {
@@ -829,7 +839,8 @@ mod tests {
             srv: Some("_x._tcp.test.".to_owned()),
             statics: Vec::new(),
             resolver,
-            settings: cfg,
+            settings: cfg.clone(),
+            settings_updates: watch::channel(cfg).1,
             pool: Arc::clone(pool),
             status: Arc::new(DiscoveryStatus::default()),
             known_addresses: HashMap::new(),
@@ -894,6 +905,27 @@ mod tests {
                 .iter()
                 .all(|(_, _, _, s)| s.label() != "draining")
         );
+    }
+
+    #[tokio::test]
+    async fn refresh_settings_from_a_reload_apply_from_the_next_refresh() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        let (tx, rx) = watch::channel(d.settings.clone());
+        d.settings_updates = rx;
+        let found = || Answer::Found {
+            endpoints: vec![ep("a.", 1)],
+            ttl: 3600,
+            unresolved: None,
+        };
+        let before = d.refresh("_x._tcp.test.", found()).await;
+        assert!(within(before, 54_000, 60_000), "{before:?}");
+        let mut next = d.settings.clone();
+        next.max_refresh = Duration::from_secs(5);
+        tx.send_replace(next);
+        let after = d.refresh("_x._tcp.test.", found()).await;
+        assert!(within(after, 4_500, 5_000), "{after:?}");
+        assert_eq!(served(&pool), ["a."]);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Service {
     /// limit clients wait in the backlog instead of being reset.
     limit: ConnectionLimit,
     stop_discovery: watch::Sender<bool>,
+    /// Refresh settings for the running discovery task (see `update_resolver_settings`).
+    resolver_settings: watch::Sender<ResolverConfig>,
 }
 
 impl Service {
@@ -54,10 +56,11 @@ impl Service {
         let pool = Arc::new(Pool::new(&config.name, MaglevTable::DEFAULT_SIZE));
         let status = Arc::new(DiscoveryStatus::default());
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (settings_tx, settings_rx) = watch::channel(resolver_settings);
         let discovery = Discovery::new(
             &config,
             resolver,
-            resolver_settings,
+            settings_rx,
             Arc::clone(&pool),
             Arc::clone(&status),
         );
@@ -71,6 +74,7 @@ impl Service {
             stats: ServiceStats::default(),
             limit,
             stop_discovery: stop_tx,
+            resolver_settings: settings_tx,
         })
     }
 
@@ -87,6 +91,16 @@ impl Service {
     pub fn reconfigure(&self, config: ServiceConfig) {
         self.limit.resize(&self.name, config.max_connections);
         self.config.store(Arc::new(config));
+    }
+
+    /// Hands new refresh settings (min_refresh, max_refresh, empty_hold) to the running
+    /// discovery task; they apply from its next refresh, and the pool keeps its state.
+    pub fn update_resolver_settings(&self, settings: ResolverConfig) {
+        self.resolver_settings.send_if_modified(|current| {
+            let changed = *current != settings;
+            *current = settings;
+            changed
+        });
     }
 
     /// Waits (until `deadline` at the latest) for discovery's first answer to reach the pool,

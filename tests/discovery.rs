@@ -928,6 +928,61 @@ fn a_one_off_broken_answer_followed_by_the_full_answer_never_drains() {
     lb.wait_serving(&["b1", "b2", "b3"], Duration::from_secs(5));
 }
 
+// ---------------------------------------------------------------------------------------
+// Reload
+// ---------------------------------------------------------------------------------------
+
+/// A reload that changes only the refresh settings keeps the pool: the ejected backend stays
+/// ejected and the counters stay.
+#[test]
+fn reload_of_refresh_settings_only_keeps_pool_state() {
+    let dns = Dns::start();
+    let live = TestBackend::start("live", Mode::Identify);
+    dns.publish(&[(&live, 10, 10)]);
+    // A second target where nothing listens: connects are refused.
+    let dead = srv_host("dead");
+    dns.server
+        .set_addrs(&dead, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let srv = |target: String, port: u16| Srv {
+        priority: 10,
+        weight: 10,
+        port,
+        target,
+    };
+    dns.server.set_srv(
+        SRV_NAME,
+        1,
+        &[
+            srv(srv_host("live"), live.port()),
+            srv(dead.clone(), free_port()),
+        ],
+    );
+    let health = "connect_retries = 1\n[service.health]\nconsecutive_failures = 1\n\
+                  base_ejection = \"60s\"\nmax_ejection = \"60s\"\nmax_ejected_percent = 50";
+    let lb = start_lb(&dns, "p2c", FAST, health);
+    lb.wait_serving(&["live"], Duration::from_secs(15));
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            lb.answers(2);
+            lb.backend(&dead)["state"] == "ejected"
+        }),
+        "dead backend never ejected"
+    );
+    let connections = |lb: &Lb| lb.backend(&srv_host("live"))["connections"].as_u64();
+    let served = connections(&lb).expect("connections");
+    assert!(served > 0);
+
+    let config = std::fs::read_to_string(&lb.srvlb.config_path).expect("read config");
+    let changed = config.replace("max_refresh = \"2s\"", "max_refresh = \"3s\"");
+    assert_ne!(config, changed);
+    lb.srvlb.write_config(&changed);
+    lb.srvlb.signal("HUP");
+    lb.srvlb
+        .wait_log("configuration reloaded", Duration::from_secs(20));
+    assert_eq!(lb.backend(&dead)["state"], "ejected");
+    assert_eq!(connections(&lb), Some(served), "counters were reset");
+}
+
 /// A minimal IPv6 backend: greets with its name, then holds the connection until the client
 /// closes it. (TestBackend binds 127.0.0.1 only.)
 struct Greeter {
