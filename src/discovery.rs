@@ -79,9 +79,34 @@ pub struct DiscoveryStatus {
     /// `now_ms` of the last successful lookup (0 = never).
     pub last_success_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// The first lookup's outcome (found, absent or failed) has reached the pool; for a
+    /// static-only service, the static backends have. Static backends beside an SRV name
+    /// are published before the first lookup, so a non-empty pool does not mean this.
+    first_outcome: AtomicBool,
+    first_outcome_notify: tokio::sync::Notify,
 }
 
 impl DiscoveryStatus {
+    fn first_outcome_applied(&self) {
+        if !self.first_outcome.swap(true, Ordering::AcqRel) {
+            self.first_outcome_notify.notify_waiters();
+        }
+    }
+
+    /// Returns once the first lookup's outcome is in the pool (see `first_outcome`).
+    pub async fn wait_first_outcome(&self) {
+        loop {
+            // Registered before the flag is read, so a notification in between is not lost.
+            let notified = self.first_outcome_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.first_outcome.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn fail(&self, why: String) -> bool {
         self.failures.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock() = Some(why);
@@ -546,6 +571,7 @@ impl Discovery {
         let Some(srv) = self.srv.clone() else {
             // Static backends only: nothing to refresh, but health can still switch tiers.
             self.status.succeed();
+            self.status.first_outcome_applied();
             loop {
                 tokio::select! {
                     _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
@@ -569,6 +595,7 @@ impl Discovery {
                 }
             };
             let delay = self.refresh(&srv, answer).await;
+            self.status.first_outcome_applied();
             let next = tokio::time::sleep(delay);
             tokio::pin!(next);
             loop {

@@ -3,7 +3,7 @@
 //! it; control creates, updates and retires it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
@@ -105,29 +105,12 @@ impl Service {
 
     /// Waits (until `deadline` at the latest) for discovery's first answer to reach the pool,
     /// so a listener handed to this service does not reset clients for want of backends that
-    /// are merely not looked up yet. True when the first lookup is done.
+    /// are merely not looked up yet, nor send them to static last-resort backends before the
+    /// SRV answer lands. True when the first lookup is done.
     pub async fn first_lookup(&self, deadline: tokio::time::Instant) -> bool {
-        const POLL: std::time::Duration = std::time::Duration::from_millis(10);
-        let mut done_seen = false;
-        loop {
-            if !self.pool.snapshot().is_empty() {
-                return true;
-            }
-            // The lookup counters move just before the answer is published; seeing them on
-            // two polls in a row means the publish (no await in between) has happened too,
-            // and the answer really was empty or failed.
-            let done = self.discovery.refreshes.load(Ordering::Relaxed)
-                + self.discovery.failures.load(Ordering::Relaxed)
-                > 0;
-            if done && done_seen {
-                return true;
-            }
-            done_seen = done;
-            if tokio::time::Instant::now() + POLL > deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        tokio::time::timeout_at(deadline, self.discovery.wait_first_outcome())
+            .await
+            .is_ok()
     }
 
     /// Stops discovery; the pool keeps serving open connections until they end.

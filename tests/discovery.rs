@@ -779,6 +779,33 @@ fn starts_with_a_failing_dns_closes_clients_then_serves_when_it_recovers() {
     assert!(!lb.stale());
 }
 
+/// With `srv` and `static` together, start-up waits for the SRV answer, not just for a
+/// non-empty pool (the static tier is there at once): the first client after "srvlb ready"
+/// reaches the SRV backend, even when the DNS server is slow to answer.
+#[test]
+fn srv_beside_static_start_waits_for_the_srv_answer() {
+    let dns = Dns::start();
+    let b = TestBackend::start("srv1", Mode::Identify);
+    let fallback = TestBackend::start("static", Mode::Identify);
+    dns.publish(&[(&b, 10, 10)]);
+    dns.server.set_delay(Duration::from_millis(400));
+    for round in 0..2 {
+        let lb = start_lb(
+            &dns,
+            "maglev",
+            FAST,
+            &format!("static = [\"{}\"]", fallback.addr),
+        );
+        let first = who_answers(lb.listen).expect("first client");
+        assert_eq!(
+            first,
+            "srv1",
+            "round {round}: the first client went to the static backend; log:\n{}",
+            lb.srvlb.log().join("\n")
+        );
+    }
+}
+
 fn check_resolve(dns: &Dns, port: u16) -> (Option<i32>, String) {
     let dir = temp_dir("check");
     let path = dir.join("config.toml");
