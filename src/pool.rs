@@ -335,6 +335,10 @@ impl Pool {
     /// Every backend with its state, draining ones included, for status and metrics.
     pub fn states(&self) -> Vec<(Arc<Backend>, u16, u16, BackendState)> {
         let now = now_ms();
+        // The snapshot is read under `members`, where `update` publishes it: the snapshot and
+        // the draining list then come from the same generation, so a backend removed
+        // meanwhile is not listed both as active (old snapshot) and as draining.
+        let mut members = self.members.lock();
         let snapshot = self.snapshot();
         let active_tier = snapshot.active_tier(now);
         let mut out = Vec::new();
@@ -352,7 +356,6 @@ impl Pool {
                 out.push((Arc::clone(b), tier.priority, weight, state));
             }
         }
-        let mut members = self.members.lock();
         members.draining.retain(|(b, _, _)| b.active() > 0);
         for (b, priority, weight) in &members.draining {
             let state = BackendState::Draining {
@@ -650,6 +653,58 @@ mod tests {
             slowest * 3 < update,
             "a states() call took {slowest:?}; one update takes {update:?} ({calls} calls)"
         );
+    }
+
+    /// A backend removed while `states` runs must appear once (draining), never also as
+    /// active from the snapshot before the removal: that would be two Prometheus series.
+    #[test]
+    fn states_never_list_a_backend_twice_while_it_is_removed() {
+        // Many backends make `states` spend a while between reading the snapshot and the
+        // draining list, which is where the two used to come from different generations.
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let with: Vec<Endpoint> = (0..1500u16)
+            .map(|i| {
+                let ip = [127, 1, (i >> 8) as u8, i as u8];
+                ep(&format!("b{i}.test."), 80, ip, 10, 1)
+            })
+            .collect();
+        let without = with[1..].to_vec();
+        pool.update(&with).expect("update");
+        // Open connections keep the removed backend draining instead of vanishing.
+        let snap = pool.snapshot();
+        let flapping = snap
+            .iter()
+            .map(|(_, b)| b)
+            .find(|b| b.key.target.as_ref() == "b0.test.")
+            .expect("b0");
+        flapping.stats.active.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let next = if n % 2 == 0 { &without } else { &with };
+                    pool.update(next).expect("update");
+                    n += 1;
+                }
+                n
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        let mut duplicate = None;
+        while std::time::Instant::now() < deadline && duplicate.is_none() {
+            let states = pool.states();
+            let mut seen = std::collections::HashSet::new();
+            duplicate = states
+                .iter()
+                .find(|(b, _, _, _)| !seen.insert(b.key.clone()))
+                .map(|(b, _, _, s)| format!("{} ({})", b.key, s.label()));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let updates = writer.join().expect("writer");
+        assert_eq!(duplicate, None, "listed twice");
+        assert!(updates > 2, "only {updates} updates ran");
     }
 
     #[test]
