@@ -134,7 +134,11 @@ impl Server {
             ),
             _ => None,
         };
-        let resolver_changed = next.resolver != self.config.resolver;
+        // Only the servers and the timeout are part of the resolver. The refresh settings
+        // (min_refresh, max_refresh, empty_hold) go to the running discovery tasks below:
+        // restarting discovery for them would throw away every pool's state.
+        let resolver_changed = next.resolver.nameservers != self.config.resolver.nameservers
+            || next.resolver.timeout != self.config.resolver.timeout;
         if resolver_changed {
             self.resolver = Arc::new(build_resolver(&next.resolver)?);
         }
@@ -150,6 +154,7 @@ impl Server {
             let service = match kept {
                 Some(old) => {
                     old.reconfigure(cfg.clone());
+                    old.update_resolver_settings(next.resolver.clone());
                     Arc::clone(old)
                 }
                 None => Service::start_with_limit(

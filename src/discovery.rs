@@ -17,10 +17,11 @@ use hickory_resolver::config::{
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::config::{ResolverConfig, ServiceConfig};
@@ -78,9 +79,34 @@ pub struct DiscoveryStatus {
     /// `now_ms` of the last successful lookup (0 = never).
     pub last_success_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// The first lookup's outcome (found, absent or failed) has reached the pool; for a
+    /// static-only service, the static backends have. Static backends beside an SRV name
+    /// are published before the first lookup, so a non-empty pool does not mean this.
+    first_outcome: AtomicBool,
+    first_outcome_notify: tokio::sync::Notify,
 }
 
 impl DiscoveryStatus {
+    fn first_outcome_applied(&self) {
+        if !self.first_outcome.swap(true, Ordering::AcqRel) {
+            self.first_outcome_notify.notify_waiters();
+        }
+    }
+
+    /// Returns once the first lookup's outcome is in the pool (see `first_outcome`).
+    pub async fn wait_first_outcome(&self) {
+        loop {
+            // Registered before the flag is read, so a notification in between is not lost.
+            let notified = self.first_outcome_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.first_outcome.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn fail(&self, why: String) -> bool {
         self.failures.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock() = Some(why);
@@ -95,11 +121,34 @@ impl DiscoveryStatus {
     }
 }
 
+/// At most this many target address lookups of one refresh run at once: enough that a large
+/// answer resolves in a few rounds, few enough not to flood the DNS server.
+const TARGET_CONCURRENCY: usize = 16;
+
+/// Targets that could not be resolved this round (SERVFAIL, timeout, the budget spent), as
+/// counts for one log line per refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved {
+    /// Targets skipped this round: no address now and none from an earlier answer.
+    pub skipped: usize,
+    /// Targets served with their addresses from an earlier answer.
+    pub kept: usize,
+    /// Distinct targets in the answer.
+    pub targets: usize,
+    /// One of the errors, as an example.
+    pub error: String,
+}
+
 /// The outcome of one SRV lookup, classified the way the refresh rules need it.
 #[derive(Debug)]
 pub enum Answer {
     /// Records (possibly after resolving targets) and the smallest TTL among them.
-    Found { endpoints: Vec<Endpoint>, ttl: u32 },
+    /// `unresolved` is set when some targets failed transiently and were skipped or kept.
+    Found {
+        endpoints: Vec<Endpoint>,
+        ttl: u32,
+        unresolved: Option<Unresolved>,
+    },
     /// NXDOMAIN, an empty answer, or the lone target "." (service deliberately absent).
     Absent(&'static str),
     /// Timeout, SERVFAIL, REFUSED, network error: says nothing about the service.
@@ -118,6 +167,76 @@ fn absence(e: &NetError) -> Option<&'static str> {
         },
         _ => None,
     }
+}
+
+/// What the address lookup of one SRV target gave.
+#[derive(Debug)]
+enum TargetAddrs {
+    /// Addresses and the smallest TTL among their records.
+    Found(Vec<IpAddr>, u32),
+    /// NXDOMAIN or NODATA: the target authoritatively has no address.
+    None,
+    /// SERVFAIL, timeout, network error, or no answer within the refresh's budget.
+    Transient(String),
+}
+
+/// Resolves `targets` (lower-case key, name) concurrently, at most `TARGET_CONCURRENCY` at a
+/// time, all within one budget of twice the resolver timeout: a refresh must not take
+/// "targets x timeout" when the server is slow. A target still unanswered at the deadline
+/// counts as a transient failure.
+async fn resolve_targets(
+    resolver: &TokioResolver,
+    targets: Vec<(String, Name)>,
+) -> HashMap<String, TargetAddrs> {
+    let deadline = tokio::time::Instant::now() + resolver.options().timeout.saturating_mul(2);
+    let keys: Vec<String> = targets.iter().map(|(key, _)| key.clone()).collect();
+    let mut queue = targets.into_iter();
+    let mut running = JoinSet::new();
+    let mut results = HashMap::new();
+    loop {
+        while running.len() < TARGET_CONCURRENCY {
+            let Some((key, name)) = queue.next() else {
+                break;
+            };
+            // The resolver is a handle on shared state: cloning it is cheap.
+            let resolver = resolver.clone();
+            running.spawn(async move {
+                let addrs = match resolver.lookup_ip(name).await {
+                    Ok(found) => {
+                        let ttl = found
+                            .as_lookup()
+                            .answers()
+                            .iter()
+                            .map(|r| r.ttl)
+                            .min()
+                            .unwrap_or(u32::MAX);
+                        TargetAddrs::Found(found.iter().collect(), ttl)
+                    }
+                    Err(e) if absence(&e).is_some() => {
+                        debug!(target = %key, error = %e, "SRV target has no address");
+                        TargetAddrs::None
+                    }
+                    Err(e) => TargetAddrs::Transient(e.to_string()),
+                };
+                (key, addrs)
+            });
+        }
+        match tokio::time::timeout_at(deadline, running.join_next()).await {
+            Ok(Some(Ok((key, addrs)))) => {
+                results.insert(key, addrs);
+            }
+            // A task that panicked: its target is reported unresolved below.
+            Ok(Some(Err(_))) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // Dropping `running` aborts lookups still in flight at the deadline.
+    for key in keys {
+        results.entry(key).or_insert_with(|| {
+            TargetAddrs::Transient("no answer within the refresh's lookup budget".to_owned())
+        });
+    }
+    results
 }
 
 /// Performs one SRV lookup of `name` and resolves its targets. `known` holds the addresses
@@ -148,47 +267,65 @@ pub async fn lookup_srv(
     if records.len() == 1 && records[0].target.is_root() {
         return Answer::Absent("target \".\" (service absent)");
     }
-    let mut endpoints = Vec::new();
+    // Addresses from the additional section first; the other targets get their own queries.
     let mut addresses: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    let mut to_resolve: Vec<(String, Name)> = Vec::new();
     for srv in records.iter().filter(|s| !s.target.is_root()) {
         let target = srv.target.to_lowercase().to_string();
-        if !addresses.contains_key(&target) {
-            let mut from_additional = Vec::new();
-            for record in lookup.additionals() {
-                if record.name.to_lowercase() != srv.target.to_lowercase() {
-                    continue;
-                }
-                match &record.data {
-                    RData::A(a) => from_additional.push(IpAddr::V4(a.0)),
-                    RData::AAAA(aaaa) => from_additional.push(IpAddr::V6(aaaa.0)),
-                    _ => continue,
-                }
-                ttl = ttl.min(record.ttl);
+        if addresses.contains_key(&target) || to_resolve.iter().any(|(t, _)| *t == target) {
+            continue;
+        }
+        let mut from_additional = Vec::new();
+        for record in lookup.additionals() {
+            if record.name.to_lowercase() != srv.target.to_lowercase() {
+                continue;
             }
-            let ips = if from_additional.is_empty() {
-                match resolver.lookup_ip(srv.target.clone()).await {
-                    Ok(found) => {
-                        for record in found.as_lookup().answers() {
-                            ttl = ttl.min(record.ttl);
-                        }
-                        found.iter().collect()
+            match &record.data {
+                RData::A(a) => from_additional.push(IpAddr::V4(a.0)),
+                RData::AAAA(aaaa) => from_additional.push(IpAddr::V6(aaaa.0)),
+                _ => continue,
+            }
+            ttl = ttl.min(record.ttl);
+        }
+        if from_additional.is_empty() {
+            to_resolve.push((target, srv.target.clone()));
+        } else {
+            addresses.insert(target, from_additional);
+        }
+    }
+    let targets = addresses.len() + to_resolve.len();
+    let (mut skipped, mut kept, mut error) = (0, 0, None);
+    for (target, addrs) in resolve_targets(resolver, to_resolve).await {
+        let ips = match addrs {
+            TargetAddrs::Found(ips, found_ttl) => {
+                ttl = ttl.min(found_ttl);
+                ips
+            }
+            // The target authoritatively has no address: it gives no backend (the damping
+            // rule still guards against losing most of them at once).
+            TargetAddrs::None => Vec::new(),
+            // Says nothing about the target (a new registration's A record may not be
+            // ready yet): keep what it had, or skip it this round, but never let it spoil
+            // the rest of the answer.
+            TargetAddrs::Transient(e) => {
+                error.get_or_insert_with(|| format!("resolving {target}: {e}"));
+                match known.get(&target) {
+                    Some(previous) => {
+                        kept += 1;
+                        previous.clone()
                     }
-                    // The target authoritatively has no address: it gives no backend (the
-                    // damping rule still guards against losing most of them at once).
-                    Err(e) if absence(&e).is_some() => {
-                        debug!(target = %target, error = %e, "SRV target has no address");
+                    None => {
+                        skipped += 1;
                         Vec::new()
                     }
-                    Err(e) => match known.get(&target) {
-                        Some(previous) => previous.clone(),
-                        None => return Answer::Failed(format!("resolving {target}: {e}")),
-                    },
                 }
-            } else {
-                from_additional
-            };
-            addresses.insert(target.clone(), ips);
-        }
+            }
+        };
+        addresses.insert(target, ips);
+    }
+    let mut endpoints = Vec::new();
+    for srv in records.iter().filter(|s| !s.target.is_root()) {
+        let target = srv.target.to_lowercase().to_string();
         for ip in addresses.get(&target).into_iter().flatten() {
             endpoints.push(Endpoint {
                 target: target.clone(),
@@ -199,10 +336,33 @@ pub async fn lookup_srv(
             });
         }
     }
+    let unresolved = error.map(|error| Unresolved {
+        skipped,
+        kept,
+        targets,
+        error,
+    });
     if endpoints.is_empty() {
-        return Answer::Absent("no SRV target has an address");
+        // Nothing usable, and at least one target's lookup said nothing about it: that is
+        // a failed lookup (keep the last set), not an authoritative "absent".
+        return match unresolved {
+            Some(u) => Answer::Failed(format!(
+                "no SRV target could be resolved ({} of {} failed; {})",
+                u.skipped, u.targets, u.error
+            )),
+            None => Answer::Absent("no SRV target has an address"),
+        };
     }
-    Answer::Found { endpoints, ttl }
+    if unresolved.is_some() {
+        // Look again soon (min_refresh) rather than after the SRV TTL: the skipped targets
+        // are probably only a moment away.
+        ttl = 0;
+    }
+    Answer::Found {
+        endpoints,
+        ttl,
+        unresolved,
+    }
 }
 
 fn absolute(name: &str) -> String {
@@ -352,7 +512,11 @@ pub struct Discovery {
     srv: Option<String>,
     statics: Vec<Endpoint>,
     resolver: Arc<TokioResolver>,
+    /// The refresh settings in use: taken from `settings_updates` at each refresh.
     settings: ResolverConfig,
+    /// A reload that changes only min_refresh, max_refresh or empty_hold sends them here
+    /// instead of restarting discovery (which would throw away the pool's state).
+    settings_updates: watch::Receiver<ResolverConfig>,
     pool: Arc<Pool>,
     status: Arc<DiscoveryStatus>,
     /// Addresses of SRV targets from the last good answer.
@@ -366,6 +530,8 @@ pub struct Discovery {
     consecutive_failures: u32,
     /// Whether any lookup has answered yet (start-up failures get their own log line).
     answered: bool,
+    /// (skipped, kept, targets) of the last answer with unresolved targets, for logging.
+    unresolved_counts: Option<(usize, usize, usize)>,
     tier_watch: TierWatch,
 }
 
@@ -373,16 +539,18 @@ impl Discovery {
     pub fn new(
         service: &ServiceConfig,
         resolver: Arc<TokioResolver>,
-        settings: ResolverConfig,
+        mut settings_updates: watch::Receiver<ResolverConfig>,
         pool: Arc<Pool>,
         status: Arc<DiscoveryStatus>,
     ) -> Discovery {
+        let settings = settings_updates.borrow_and_update().clone();
         Discovery {
             service: service.name.clone(),
             srv: service.srv.clone(),
             statics: static_endpoints(&service.static_backends),
             resolver,
             settings,
+            settings_updates,
             pool,
             status,
             known_addresses: HashMap::new(),
@@ -391,17 +559,19 @@ impl Discovery {
             absent_since: None,
             consecutive_failures: 0,
             answered: false,
+            unresolved_counts: None,
             tier_watch: TierWatch::default(),
         }
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        self.publish();
+        self.publish().await;
         let mut tier_tick = tokio::time::interval(TIER_CHECK);
         tier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Some(srv) = self.srv.clone() else {
             // Static backends only: nothing to refresh, but health can still switch tiers.
             self.status.succeed();
+            self.status.first_outcome_applied();
             loop {
                 tokio::select! {
                     _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
@@ -410,7 +580,22 @@ impl Discovery {
             }
         };
         loop {
-            let delay = self.refresh(&srv).await;
+            // The lookup is the long part of a refresh (up to the SRV timeout plus the
+            // targets' budget): it runs under the same select, so a retired service's task
+            // ends at once instead of finishing a refresh nobody wants.
+            let answer = {
+                let lookup = lookup_srv(&self.resolver, &srv, &self.known_addresses);
+                tokio::pin!(lookup);
+                loop {
+                    tokio::select! {
+                        answer = &mut lookup => break answer,
+                        _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                }
+            };
+            let delay = self.refresh(&srv, answer).await;
+            self.status.first_outcome_applied();
             let next = tokio::time::sleep(delay);
             tokio::pin!(next);
             loop {
@@ -423,12 +608,20 @@ impl Discovery {
         }
     }
 
-    /// One lookup and its consequences; returns when to look again.
-    async fn refresh(&mut self, srv: &str) -> Duration {
-        let answer = lookup_srv(&self.resolver, srv, &self.known_addresses).await;
-        let mut rng = rand::rng();
+    /// The consequences of one lookup's answer; returns when to look again.
+    async fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
+        // Settings from a reload apply from here on: the hold, the next interval.
+        if self.settings_updates.has_changed().unwrap_or(false) {
+            self.settings = self.settings_updates.borrow_and_update().clone();
+        }
+        // `rand::rng()` per use: the thread-local generator must not be held across an await.
         match answer {
-            Answer::Found { endpoints, ttl } => {
+            Answer::Found {
+                endpoints,
+                ttl,
+                unresolved,
+            } => {
+                self.log_unresolved(srv, unresolved);
                 self.answered = true;
                 self.consecutive_failures = 0;
                 if self.status.succeed() {
@@ -438,8 +631,8 @@ impl Discovery {
                     info!(service = %self.service, srv, backends = endpoints.len(), "SRV records are back; empty hold cancelled");
                 }
                 self.remember_addresses(&endpoints);
-                self.accept_answer(endpoints);
-                refresh_interval(ttl, &self.settings, &mut rng)
+                self.accept_answer(endpoints).await;
+                refresh_interval(ttl, &self.settings, &mut rand::rng())
             }
             Answer::Absent(why) => {
                 self.answered = true;
@@ -468,19 +661,20 @@ impl Discovery {
                     if !self.current.is_empty() {
                         warn!(service = %self.service, srv, reason = why, held_ms = held.as_millis() as u64, backends = self.current.len(), "empty hold elapsed; removing the service's SRV backends");
                         self.current.clear();
-                        self.publish();
+                        self.publish().await;
                     }
-                    return refresh_interval(0, &self.settings, &mut rng);
+                    return refresh_interval(0, &self.settings, &mut rand::rng());
                 }
                 // Look again at min_refresh, and no later than the end of the hold, so that
                 // the pool empties on time (or the hold is cancelled as soon as DNS says so).
                 let remaining = hold.saturating_sub(held);
-                refresh_interval(0, &self.settings, &mut rng)
+                refresh_interval(0, &self.settings, &mut rand::rng())
                     .min(remaining.max(Duration::from_millis(50)))
             }
             Answer::Failed(why) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                let delay = failure_backoff(self.consecutive_failures, &self.settings, &mut rng);
+                let delay =
+                    failure_backoff(self.consecutive_failures, &self.settings, &mut rand::rng());
                 let first = self.status.fail(why.clone());
                 let retry_ms = delay.as_millis() as u64;
                 if !self.answered && first {
@@ -492,6 +686,27 @@ impl Discovery {
                 }
                 delay
             }
+        }
+    }
+
+    /// One line per refresh about targets that could not be resolved: a warning when the
+    /// counts change (a target starts or stops failing), at debug while they stay the same,
+    /// so a target that keeps failing does not fill the log.
+    fn log_unresolved(&mut self, srv: &str, unresolved: Option<Unresolved>) {
+        let counts = unresolved.as_ref().map(|u| (u.skipped, u.kept, u.targets));
+        let changed = counts != self.unresolved_counts;
+        self.unresolved_counts = counts;
+        match unresolved {
+            Some(u) if changed => {
+                warn!(service = %self.service, srv, skipped = u.skipped, kept_previous = u.kept, targets = u.targets, error = %u.error, "some SRV targets could not be resolved; serving the others")
+            }
+            Some(u) => {
+                debug!(service = %self.service, srv, skipped = u.skipped, kept_previous = u.kept, targets = u.targets, error = %u.error, "some SRV targets could not be resolved; serving the others")
+            }
+            None if changed => {
+                info!(service = %self.service, srv, "every SRV target resolves again")
+            }
+            None => {}
         }
     }
 
@@ -508,7 +723,7 @@ impl Discovery {
 
     /// Applies a new answer, unless it would remove more than half of the backends at once:
     /// such an answer is applied only when the next lookup says the same.
-    fn accept_answer(&mut self, mut endpoints: Vec<Endpoint>) {
+    async fn accept_answer(&mut self, mut endpoints: Vec<Endpoint>) {
         endpoints.sort_by(|a, b| (&a.target, a.port, a.addr).cmp(&(&b.target, b.port, b.addr)));
         if endpoints == self.current {
             if self.pending.take().is_some() {
@@ -531,13 +746,19 @@ impl Discovery {
         }
         self.pending = None;
         self.current = endpoints;
-        self.publish();
+        self.publish().await;
     }
 
-    fn publish(&mut self) {
+    async fn publish(&mut self) {
         let mut all = self.current.clone();
         all.extend(self.statics.iter().cloned());
-        match self.pool.update(&all) {
+        let result = self.pool.update_off_runtime(all).await;
+        if let Ok(change) = &result {
+            if change.capped > 0 {
+                warn!(service = %self.service, left_out = change.capped, max_backends = crate::pool::MAX_BACKENDS, max_tiers = crate::pool::MAX_TIERS, "answer too large; keeping only the preferred priorities and backends");
+            }
+        }
+        match result {
             Ok(change) if !change.is_noop() => info!(
                 service = %self.service,
                 added = change.added,
@@ -645,7 +866,8 @@ mod tests {
             srv: Some("_x._tcp.test.".to_owned()),
             statics: Vec::new(),
             resolver,
-            settings: cfg,
+            settings: cfg.clone(),
+            settings_updates: watch::channel(cfg).1,
             pool: Arc::clone(pool),
             status: Arc::new(DiscoveryStatus::default()),
             known_addresses: HashMap::new(),
@@ -654,6 +876,7 @@ mod tests {
             absent_since: None,
             consecutive_failures: 0,
             answered: false,
+            unresolved_counts: None,
             tier_watch: TierWatch::default(),
         }
     }
@@ -673,17 +896,17 @@ mod tests {
         let pool = Arc::new(Pool::new("svc", 1009));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
-        d.accept_answer(full.clone());
+        d.accept_answer(full.clone()).await;
         assert_eq!(served(&pool), ["a.", "b.", "c."]);
         // Removing 2 of 3 is held back...
-        d.accept_answer(vec![ep("a.", 1)]);
+        d.accept_answer(vec![ep("a.", 1)]).await;
         assert_eq!(served(&pool), ["a.", "b.", "c."]);
         // ...and applied when the next lookup says the same.
-        d.accept_answer(vec![ep("a.", 1)]);
+        d.accept_answer(vec![ep("a.", 1)]).await;
         assert_eq!(served(&pool), ["a."]);
         // Removing exactly half (1 of 2) is not "more than half": applied at once.
-        d.accept_answer(vec![ep("a.", 1), ep("b.", 2)]);
-        d.accept_answer(vec![ep("b.", 2)]);
+        d.accept_answer(vec![ep("a.", 1), ep("b.", 2)]).await;
+        d.accept_answer(vec![ep("b.", 2)]).await;
         assert_eq!(served(&pool), ["b."]);
     }
 
@@ -692,23 +915,44 @@ mod tests {
         let pool = Arc::new(Pool::new("svc", 1009));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
-        d.accept_answer(full.clone());
+        d.accept_answer(full.clone()).await;
         let generation = pool.snapshot().generation;
-        d.accept_answer(vec![ep("c.", 3)]);
+        d.accept_answer(vec![ep("c.", 3)]).await;
         // The full answer again, in another order: nothing changes, nothing drains.
         let mut reordered = full.clone();
         reordered.reverse();
-        d.accept_answer(reordered);
+        d.accept_answer(reordered).await;
         assert!(d.pending.is_none());
         assert_eq!(pool.snapshot().generation, generation);
         // A later broken answer must again wait for confirmation (the old one was forgotten).
-        d.accept_answer(vec![ep("c.", 3)]);
+        d.accept_answer(vec![ep("c.", 3)]).await;
         assert_eq!(served(&pool), ["a.", "b.", "c."]);
         assert!(
             pool.states()
                 .iter()
                 .all(|(_, _, _, s)| s.label() != "draining")
         );
+    }
+
+    #[tokio::test]
+    async fn refresh_settings_from_a_reload_apply_from_the_next_refresh() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        let (tx, rx) = watch::channel(d.settings.clone());
+        d.settings_updates = rx;
+        let found = || Answer::Found {
+            endpoints: vec![ep("a.", 1)],
+            ttl: 3600,
+            unresolved: None,
+        };
+        let before = d.refresh("_x._tcp.test.", found()).await;
+        assert!(within(before, 54_000, 60_000), "{before:?}");
+        let mut next = d.settings.clone();
+        next.max_refresh = Duration::from_secs(5);
+        tx.send_replace(next);
+        let after = d.refresh("_x._tcp.test.", found()).await;
+        assert!(within(after, 4_500, 5_000), "{after:?}");
+        assert_eq!(served(&pool), ["a."]);
     }
 
     #[test]

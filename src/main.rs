@@ -89,7 +89,11 @@ async fn print_resolution(config: &Config) -> bool {
         println!("service \"{}\" resolves to:", service.name);
         if let Some(srv) = &service.srv {
             match lookup_srv(&resolver, srv, &Default::default()).await {
-                Answer::Found { endpoints, ttl } => {
+                Answer::Found {
+                    endpoints,
+                    ttl,
+                    unresolved,
+                } => {
                     for ep in endpoints {
                         println!(
                             "  {:<40} priority {:<5} weight {:<5} {}",
@@ -100,6 +104,12 @@ async fn print_resolution(config: &Config) -> bool {
                         );
                     }
                     println!("  (SRV {srv}, ttl {ttl}s)");
+                    if let Some(u) = unresolved {
+                        println!(
+                            "  ({} of {} targets not resolved: {})",
+                            u.skipped, u.targets, u.error
+                        );
+                    }
                 }
                 Answer::Absent(why) => println!("  SRV {srv}: {why}"),
                 Answer::Failed(why) => {

@@ -204,6 +204,8 @@ pub struct PoolChange {
     pub removed: usize,
     pub reweighted: usize,
     pub total: usize,
+    /// Endpoints left out because the answer exceeded `MAX_TIERS` or `MAX_BACKENDS`.
+    pub capped: usize,
 }
 
 impl PoolChange {
@@ -217,6 +219,8 @@ impl PoolChange {
 pub enum PoolError {
     #[error("building the Maglev table: {0}")]
     Maglev(#[from] crate::balance::maglev::MaglevError),
+    #[error("building the snapshot: {0}")]
+    Build(String),
 }
 
 /// The backends of one service.
@@ -271,69 +275,70 @@ impl Pool {
 
     /// Replaces the backend set with `endpoints`. Backends whose key stays keep their
     /// counters and health; removed ones drain. Publishes a new snapshot only when
-    /// something changed.
+    /// something changed. An answer beyond `MAX_TIERS` priorities or `MAX_BACKENDS`
+    /// backends is cut to the preferred ones (`PoolChange::capped` says how many went).
+    ///
+    /// The selection tables (one Maglev table per tier, ~2 ms each) are built without
+    /// holding `members`, which /metrics and /status take too. Discovery is the only
+    /// writer; should two updates ever overlap, the one that publishes second sees the
+    /// generation moved and plans again from what the first published.
     pub fn update(&self, endpoints: &[Endpoint]) -> Result<PoolChange, PoolError> {
-        let mut members = self.members.lock();
-        let mut next: HashMap<BackendKey, (Arc<Backend>, u16, u16)> = HashMap::new();
-        let mut change = PoolChange::default();
-        for ep in endpoints {
-            let key = BackendKey {
-                target: Arc::from(ep.target.as_str()),
-                port: ep.port,
-                addr: ep.addr,
-            };
-            if next.contains_key(&key) {
-                continue; // the same target listed twice: first record wins
+        let (endpoints, capped) = cap(endpoints);
+        loop {
+            let plan = plan(&self.members.lock(), &endpoints);
+            let mut change = plan.change;
+            change.capped = capped;
+            if change.is_noop() && plan.generation > 0 {
+                return Ok(change);
             }
-            let backend = match members.current.get(&key) {
-                Some((backend, priority, weight)) => {
-                    if (*priority, *weight) != (ep.priority, ep.weight) {
-                        change.reweighted += 1;
-                    }
-                    Arc::clone(backend)
+            let snapshot = build_snapshot(&plan.next, plan.generation + 1, self.maglev_size)?;
+            let mut members = self.members.lock();
+            if members.generation != plan.generation {
+                continue;
+            }
+            let Members {
+                current, draining, ..
+            } = &mut *members;
+            for backend in &plan.revived {
+                draining.retain(|(b, _, _)| !Arc::ptr_eq(b, backend));
+                backend.removed.store(false, Ordering::Relaxed);
+            }
+            for (key, (backend, priority, weight)) in current.iter() {
+                if !plan.next.contains_key(key) {
+                    backend.removed.store(true, Ordering::Relaxed);
+                    draining.push((Arc::clone(backend), *priority, *weight));
                 }
-                None => match members.draining.iter().position(|(b, _, _)| b.key == key) {
-                    // Came back before its connections drained: same backend, same counters.
-                    Some(i) => {
-                        let (b, _, _) = members.draining.swap_remove(i);
-                        b.removed.store(false, Ordering::Relaxed);
-                        change.added += 1;
-                        b
-                    }
-                    None => {
-                        change.added += 1;
-                        Arc::new(Backend::new(key.clone()))
-                    }
-                },
-            };
-            next.insert(key, (backend, ep.priority, ep.weight));
-        }
-        let Members {
-            current, draining, ..
-        } = &mut *members;
-        for (key, (backend, priority, weight)) in current.iter() {
-            if !next.contains_key(key) {
-                change.removed += 1;
-                backend.removed.store(true, Ordering::Relaxed);
-                draining.push((Arc::clone(backend), *priority, *weight));
             }
-        }
-        change.total = next.len();
-        members.draining.retain(|(b, _, _)| b.active() > 0);
-        if change.is_noop() && members.generation > 0 {
-            members.current = next;
+            draining.retain(|(b, _, _)| b.active() > 0);
+            members.current = plan.next;
+            members.generation += 1;
+            // Stored under the lock, so `states` sees the snapshot and the draining list
+            // of the same generation.
+            self.current.store(Arc::new(snapshot));
             return Ok(change);
         }
-        let snapshot = build_snapshot(&next, members.generation + 1, self.maglev_size)?;
-        members.current = next;
-        members.generation += 1;
-        self.current.store(Arc::new(snapshot));
-        Ok(change)
+    }
+
+    /// `update` on a blocking thread: building the tables of a large answer takes
+    /// milliseconds to tens of milliseconds, which must not stall a runtime worker.
+    pub async fn update_off_runtime(
+        self: &Arc<Self>,
+        endpoints: Vec<Endpoint>,
+    ) -> Result<PoolChange, PoolError> {
+        let pool = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || pool.update(&endpoints)).await {
+            Ok(result) => result,
+            Err(e) => Err(PoolError::Build(e.to_string())),
+        }
     }
 
     /// Every backend with its state, draining ones included, for status and metrics.
     pub fn states(&self) -> Vec<(Arc<Backend>, u16, u16, BackendState)> {
         let now = now_ms();
+        // The snapshot is read under `members`, where `update` publishes it: the snapshot and
+        // the draining list then come from the same generation, so a backend removed
+        // meanwhile is not listed both as active (old snapshot) and as draining.
+        let mut members = self.members.lock();
         let snapshot = self.snapshot();
         let active_tier = snapshot.active_tier(now);
         let mut out = Vec::new();
@@ -351,7 +356,6 @@ impl Pool {
                 out.push((Arc::clone(b), tier.priority, weight, state));
             }
         }
-        let mut members = self.members.lock();
         members.draining.retain(|(b, _, _)| b.active() > 0);
         for (b, priority, weight) in &members.draining {
             let state = BackendState::Draining {
@@ -360,6 +364,93 @@ impl Pool {
             out.push((Arc::clone(b), *priority, *weight, state));
         }
         out
+    }
+}
+
+/// Most backends a service takes from one answer; beyond that the preferred ones are kept.
+/// Bounds the memory and time a huge (or hostile) answer costs.
+pub const MAX_BACKENDS: usize = 10_000;
+/// Most tiers (distinct priorities) a service keeps: each costs a Maglev table of
+/// `maglev_size` slots, so thousands of distinct priorities would cost hundreds of MiB.
+pub const MAX_TIERS: usize = 32;
+
+/// The endpoints an update uses: one per key (the first in the answer wins), cut to the
+/// `MAX_TIERS` lowest priority values and then to `MAX_BACKENDS` in (priority, key) order,
+/// so every instance cuts the same answer the same way. Returns how many were cut.
+fn cap(endpoints: &[Endpoint]) -> (Vec<&Endpoint>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut list: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|ep| seen.insert((ep.target.as_str(), ep.port, ep.addr)))
+        .collect();
+    let priorities: std::collections::BTreeSet<u16> = list.iter().map(|ep| ep.priority).collect();
+    if list.len() <= MAX_BACKENDS && priorities.len() <= MAX_TIERS {
+        return (list, 0);
+    }
+    let before = list.len();
+    if let Some(&last_kept) = priorities.iter().nth(MAX_TIERS - 1) {
+        list.retain(|ep| ep.priority <= last_kept);
+    }
+    list.sort_by(|a, b| {
+        (a.priority, &a.target, a.port, a.addr).cmp(&(b.priority, &b.target, b.port, b.addr))
+    });
+    list.truncate(MAX_BACKENDS);
+    let cut = before - list.len();
+    (list, cut)
+}
+
+/// What an update will do, worked out under the `members` lock without changing anything.
+struct Plan {
+    next: HashMap<BackendKey, (Arc<Backend>, u16, u16)>,
+    /// Draining backends that are back in the answer.
+    revived: Vec<Arc<Backend>>,
+    change: PoolChange,
+    /// The generation the plan was made against.
+    generation: u64,
+}
+
+fn plan(members: &Members, endpoints: &[&Endpoint]) -> Plan {
+    let mut next: HashMap<BackendKey, (Arc<Backend>, u16, u16)> = HashMap::new();
+    let mut revived = Vec::new();
+    let mut change = PoolChange::default();
+    for ep in endpoints {
+        let key = BackendKey {
+            target: Arc::from(ep.target.as_str()),
+            port: ep.port,
+            addr: ep.addr,
+        };
+        let backend = match members.current.get(&key) {
+            Some((backend, priority, weight)) => {
+                if (*priority, *weight) != (ep.priority, ep.weight) {
+                    change.reweighted += 1;
+                }
+                Arc::clone(backend)
+            }
+            None => {
+                change.added += 1;
+                match members.draining.iter().find(|(b, _, _)| b.key == key) {
+                    // Came back before its connections drained: same backend, same counters.
+                    Some((b, _, _)) => {
+                        revived.push(Arc::clone(b));
+                        Arc::clone(b)
+                    }
+                    None => Arc::new(Backend::new(key.clone())),
+                }
+            }
+        };
+        next.insert(key, (backend, ep.priority, ep.weight));
+    }
+    change.removed = members
+        .current
+        .keys()
+        .filter(|key| !next.contains_key(*key))
+        .count();
+    change.total = next.len();
+    Plan {
+        next,
+        revived,
+        change,
+        generation: members.generation,
     }
 }
 
@@ -460,6 +551,160 @@ mod tests {
         let again = pool.snapshot();
         assert!(Arc::ptr_eq(&again.tiers[1].backends[0], &backend_a));
         assert!(!backend_a.is_removed());
+    }
+
+    #[test]
+    fn tiers_beyond_the_cap_are_cut_keeping_the_lowest_priorities() {
+        let pool = Pool::new("svc", 1009);
+        // 40 priorities, given highest first: the 32 lowest values stay.
+        let eps: Vec<Endpoint> = (0..40u16)
+            .rev()
+            .map(|i| {
+                let ip = [127, 0, (i >> 8) as u8, i as u8];
+                ep(&format!("b{i}.test."), 80, ip, 100 + i, 1)
+            })
+            .collect();
+        let change = pool.update(&eps).expect("update");
+        assert_eq!(change.capped, 8);
+        assert_eq!(change.total, MAX_TIERS);
+        let priorities: Vec<u16> = pool.snapshot().tiers.iter().map(|t| t.priority).collect();
+        assert_eq!(priorities, (100..132).collect::<Vec<u16>>());
+    }
+
+    #[test]
+    fn backends_beyond_the_cap_are_cut_the_same_way_whatever_the_order() {
+        let make = |i: usize, priority: u16| {
+            let ip = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+            ep(&format!("b{i:05}.test."), 80, ip, priority, 1)
+        };
+        // The preferred tier fills most of the cap; of the second, only the keys that sort
+        // first fit.
+        let mut eps: Vec<Endpoint> = (0..MAX_BACKENDS - 10).map(|i| make(i, 10)).collect();
+        eps.extend((0..100).map(|i| make(20_000 + i, 20)));
+        let (kept, cut) = cap(&eps);
+        assert_eq!((kept.len(), cut), (MAX_BACKENDS, 90));
+        assert_eq!(
+            kept.iter().filter(|e| e.priority == 10).count(),
+            MAX_BACKENDS - 10
+        );
+        let mut second: Vec<&str> = kept
+            .iter()
+            .filter(|e| e.priority == 20)
+            .map(|e| e.target.as_str())
+            .collect();
+        second.sort_unstable();
+        let want: Vec<String> = (0..10)
+            .map(|i| format!("b{:05}.test.", 20_000 + i))
+            .collect();
+        assert_eq!(second, want);
+        // Another order of the same answer: the same cut.
+        let mut reversed = eps.clone();
+        reversed.reverse();
+        let (again, _) = cap(&reversed);
+        let keys = |list: &[&Endpoint]| {
+            let mut k: Vec<(String, SocketAddr)> =
+                list.iter().map(|e| (e.target.clone(), e.addr)).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&kept), keys(&again));
+    }
+
+    /// /metrics and /status take `members`; a table build must not make them wait. With
+    /// 32 full-size tables the update takes a while; `states` calls made meanwhile must
+    /// each return in a fraction of it.
+    #[test]
+    fn states_do_not_wait_for_table_builds() {
+        let pool = Arc::new(Pool::new("svc", crate::balance::MaglevTable::DEFAULT_SIZE));
+        // Alternating weights: every update rebuilds every table.
+        let answers: Vec<Vec<Endpoint>> = (1..=2u16)
+            .map(|weight| {
+                (0..MAX_TIERS as u16)
+                    .map(|i| ep(&format!("b{i}.test."), 80, [127, 0, 1, i as u8], i, weight))
+                    .collect()
+            })
+            .collect();
+        const UPDATES: u32 = 4;
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (pool, done) = (Arc::clone(&pool), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                for n in 0..UPDATES {
+                    pool.update(&answers[n as usize % 2]).expect("update");
+                }
+                done.store(true, Ordering::SeqCst);
+                started.elapsed() / UPDATES
+            })
+        };
+        let (mut slowest, mut calls) = (std::time::Duration::ZERO, 0u32);
+        while !done.load(Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            let _ = pool.states();
+            slowest = slowest.max(started.elapsed());
+            calls += 1;
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let update = writer.join().expect("writer");
+        assert_eq!(pool.snapshot().tiers.len(), MAX_TIERS);
+        assert!(calls > 1, "no states() call overlapped the updates");
+        // Under the lock for the whole build, a call would wait up to a full update.
+        assert!(
+            slowest * 3 < update,
+            "a states() call took {slowest:?}; one update takes {update:?} ({calls} calls)"
+        );
+    }
+
+    /// A backend removed while `states` runs must appear once (draining), never also as
+    /// active from the snapshot before the removal: that would be two Prometheus series.
+    #[test]
+    fn states_never_list_a_backend_twice_while_it_is_removed() {
+        // Many backends make `states` spend a while between reading the snapshot and the
+        // draining list, which is where the two used to come from different generations.
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let with: Vec<Endpoint> = (0..1500u16)
+            .map(|i| {
+                let ip = [127, 1, (i >> 8) as u8, i as u8];
+                ep(&format!("b{i}.test."), 80, ip, 10, 1)
+            })
+            .collect();
+        let without = with[1..].to_vec();
+        pool.update(&with).expect("update");
+        // Open connections keep the removed backend draining instead of vanishing.
+        let snap = pool.snapshot();
+        let flapping = snap
+            .iter()
+            .map(|(_, b)| b)
+            .find(|b| b.key.target.as_ref() == "b0.test.")
+            .expect("b0");
+        flapping.stats.active.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let next = if n % 2 == 0 { &without } else { &with };
+                    pool.update(next).expect("update");
+                    n += 1;
+                }
+                n
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        let mut duplicate = None;
+        while std::time::Instant::now() < deadline && duplicate.is_none() {
+            let states = pool.states();
+            let mut seen = std::collections::HashSet::new();
+            duplicate = states
+                .iter()
+                .find(|(b, _, _, _)| !seen.insert(b.key.clone()))
+                .map(|(b, _, _, s)| format!("{} ({})", b.key, s.label()));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let updates = writer.join().expect("writer");
+        assert_eq!(duplicate, None, "listed twice");
+        assert!(updates > 2, "only {updates} updates ran");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! it; control creates, updates and retires it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
@@ -44,6 +44,8 @@ pub struct Service {
     /// replaces this one under the same name (see [`Service::start_with_limit`]).
     limit: Arc<ConnectionLimit>,
     stop_discovery: watch::Sender<bool>,
+    /// Refresh settings for the running discovery task (see `update_resolver_settings`).
+    resolver_settings: watch::Sender<ResolverConfig>,
 }
 
 impl Service {
@@ -71,10 +73,11 @@ impl Service {
         let pool = Arc::new(Pool::new(&config.name, MaglevTable::DEFAULT_SIZE));
         let status = Arc::new(DiscoveryStatus::default());
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (settings_tx, settings_rx) = watch::channel(resolver_settings);
         let discovery = Discovery::new(
             &config,
             resolver,
-            resolver_settings,
+            settings_rx,
             Arc::clone(&pool),
             Arc::clone(&status),
         );
@@ -87,6 +90,7 @@ impl Service {
             stats: ServiceStats::default(),
             limit,
             stop_discovery: stop_tx,
+            resolver_settings: settings_tx,
         })
     }
 
@@ -110,31 +114,24 @@ impl Service {
         self.config.store(Arc::new(config));
     }
 
+    /// Hands new refresh settings (min_refresh, max_refresh, empty_hold) to the running
+    /// discovery task; they apply from its next refresh, and the pool keeps its state.
+    pub fn update_resolver_settings(&self, settings: ResolverConfig) {
+        self.resolver_settings.send_if_modified(|current| {
+            let changed = *current != settings;
+            *current = settings;
+            changed
+        });
+    }
+
     /// Waits (until `deadline` at the latest) for discovery's first answer to reach the pool,
     /// so a listener handed to this service does not reset clients for want of backends that
-    /// are merely not looked up yet. True when the first lookup is done.
+    /// are merely not looked up yet, nor send them to static last-resort backends before the
+    /// SRV answer lands. True when the first lookup is done.
     pub async fn first_lookup(&self, deadline: tokio::time::Instant) -> bool {
-        const POLL: std::time::Duration = std::time::Duration::from_millis(10);
-        let mut done_seen = false;
-        loop {
-            if !self.pool.snapshot().is_empty() {
-                return true;
-            }
-            // The lookup counters move just before the answer is published; seeing them on
-            // two polls in a row means the publish (no await in between) has happened too,
-            // and the answer really was empty or failed.
-            let done = self.discovery.refreshes.load(Ordering::Relaxed)
-                + self.discovery.failures.load(Ordering::Relaxed)
-                > 0;
-            if done && done_seen {
-                return true;
-            }
-            done_seen = done;
-            if tokio::time::Instant::now() + POLL > deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        tokio::time::timeout_at(deadline, self.discovery.wait_first_outcome())
+            .await
+            .is_ok()
     }
 
     /// Stops discovery; the pool keeps serving open connections until they end. The

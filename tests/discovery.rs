@@ -402,6 +402,95 @@ fn a_target_without_address_gives_no_backend() {
     assert_eq!(sorted(lb.answers(20)), ["b1", "b2"]);
 }
 
+/// A target whose address lookup fails transiently (its A record is not ready yet: SERVFAIL)
+/// is skipped this round; the other target is served from the very first lookup, and the
+/// service is not stale. Once the target resolves, it joins.
+#[test]
+fn a_target_failing_transiently_does_not_spoil_the_others() {
+    let dns = Dns::start();
+    let b = backends(&["b1", "b2"]);
+    dns.publish(&[(&b[0], 10, 10), (&b[1], 10, 10)]);
+    let b2 = srv_host("b2");
+    dns.server.set_name_failure(&b2, Some(Failure::ServFail));
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    // Every client of the first lookup's pool reaches b1; none is closed for want of it.
+    assert_eq!(sorted(lb.answers(10)), ["b1"]);
+    assert!(!lb.stale(), "one unresolved target made the service stale");
+    assert!(dns.server.queries(&b2) > 0, "b2 was never looked up");
+    assert!(
+        logged(
+            &lb,
+            &[
+                "some SRV targets could not be resolved",
+                "skipped=1",
+                "targets=2"
+            ]
+        ),
+        "{}",
+        lb.srvlb.log().join("\n")
+    );
+
+    dns.server.set_name_failure(&b2, None);
+    lb.wait_serving(&["b1", "b2"], Duration::from_secs(15));
+    lb.srvlb
+        .wait_log("every SRV target resolves again", Duration::from_secs(5));
+    assert!(!lb.stale());
+}
+
+/// Targets are resolved concurrently under one budget (2 x the 1 s timeout): eight targets
+/// whose server never answers delay a refresh by about 2 s, not 8 x 1 s.
+#[test]
+fn unanswered_targets_are_resolved_together_within_one_budget() {
+    let dns = Dns::start();
+    let b = TestBackend::start("b1", Mode::Identify);
+    dns.publish(&[(&b, 10, 10)]);
+    let mut records = vec![Srv {
+        priority: 10,
+        weight: 10,
+        port: b.port(),
+        target: srv_host("b1"),
+    }];
+    for i in 0..8 {
+        let slow = srv_host(&format!("slow{i}"));
+        dns.server.set_name_failure(&slow, Some(Failure::Drop));
+        records.push(Srv {
+            priority: 10,
+            weight: 10,
+            port: b.port(),
+            target: slow,
+        });
+    }
+    dns.server.set_srv(SRV_NAME, 1, &records);
+    let started = Instant::now();
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    lb.wait_serving(&["b1"], Duration::from_secs(15));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "first lookup took {took:?}; targets resolved one after another?"
+    );
+    assert!(logged(&lb, &["skipped=8", "targets=9"]));
+}
+
+/// When no target resolves and one failed transiently, the lookup as a whole failed: stale,
+/// not "absent" (which would empty a pool after the hold).
+#[test]
+fn no_target_resolving_because_of_a_transient_failure_is_a_failed_lookup() {
+    let dns = Dns::start();
+    let b = TestBackend::start("b1", Mode::Identify);
+    dns.publish(&[(&b, 10, 10)]);
+    let b1 = srv_host("b1");
+    dns.server.set_name_failure(&b1, Some(Failure::ServFail));
+    let lb = start_lb(&dns, "p2c", FAST, "");
+    lb.srvlb
+        .wait_log("first DNS lookup failed", Duration::from_secs(10));
+    assert!(lb.stale());
+    assert!(!logged(&lb, &["service absent from DNS"]));
+    dns.server.set_name_failure(&b1, None);
+    lb.wait_serving(&["b1"], Duration::from_secs(15));
+    assert!(!lb.stale());
+}
+
 // ---------------------------------------------------------------------------------------
 // TTL-driven refresh
 // ---------------------------------------------------------------------------------------
@@ -690,6 +779,33 @@ fn starts_with_a_failing_dns_closes_clients_then_serves_when_it_recovers() {
     assert!(!lb.stale());
 }
 
+/// With `srv` and `static` together, start-up waits for the SRV answer, not just for a
+/// non-empty pool (the static tier is there at once): the first client after "srvlb ready"
+/// reaches the SRV backend, even when the DNS server is slow to answer.
+#[test]
+fn srv_beside_static_start_waits_for_the_srv_answer() {
+    let dns = Dns::start();
+    let b = TestBackend::start("srv1", Mode::Identify);
+    let fallback = TestBackend::start("static", Mode::Identify);
+    dns.publish(&[(&b, 10, 10)]);
+    dns.server.set_delay(Duration::from_millis(400));
+    for round in 0..2 {
+        let lb = start_lb(
+            &dns,
+            "maglev",
+            FAST,
+            &format!("static = [\"{}\"]", fallback.addr),
+        );
+        let first = who_answers(lb.listen).expect("first client");
+        assert_eq!(
+            first,
+            "srv1",
+            "round {round}: the first client went to the static backend; log:\n{}",
+            lb.srvlb.log().join("\n")
+        );
+    }
+}
+
 fn check_resolve(dns: &Dns, port: u16) -> (Option<i32>, String) {
     let dir = temp_dir("check");
     let path = dir.join("config.toml");
@@ -837,6 +953,61 @@ fn a_one_off_broken_answer_followed_by_the_full_answer_never_drains() {
     assert_eq!(states, ["active", "active", "active"]);
     assert_eq!(lb.srvlb.count_log("backends changed"), changes);
     lb.wait_serving(&["b1", "b2", "b3"], Duration::from_secs(5));
+}
+
+// ---------------------------------------------------------------------------------------
+// Reload
+// ---------------------------------------------------------------------------------------
+
+/// A reload that changes only the refresh settings keeps the pool: the ejected backend stays
+/// ejected and the counters stay.
+#[test]
+fn reload_of_refresh_settings_only_keeps_pool_state() {
+    let dns = Dns::start();
+    let live = TestBackend::start("live", Mode::Identify);
+    dns.publish(&[(&live, 10, 10)]);
+    // A second target where nothing listens: connects are refused.
+    let dead = srv_host("dead");
+    dns.server
+        .set_addrs(&dead, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let srv = |target: String, port: u16| Srv {
+        priority: 10,
+        weight: 10,
+        port,
+        target,
+    };
+    dns.server.set_srv(
+        SRV_NAME,
+        1,
+        &[
+            srv(srv_host("live"), live.port()),
+            srv(dead.clone(), free_port()),
+        ],
+    );
+    let health = "connect_retries = 1\n[service.health]\nconsecutive_failures = 1\n\
+                  base_ejection = \"60s\"\nmax_ejection = \"60s\"\nmax_ejected_percent = 50";
+    let lb = start_lb(&dns, "p2c", FAST, health);
+    lb.wait_serving(&["live"], Duration::from_secs(15));
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            lb.answers(2);
+            lb.backend(&dead)["state"] == "ejected"
+        }),
+        "dead backend never ejected"
+    );
+    let connections = |lb: &Lb| lb.backend(&srv_host("live"))["connections"].as_u64();
+    let served = connections(&lb).expect("connections");
+    assert!(served > 0);
+
+    let config = std::fs::read_to_string(&lb.srvlb.config_path).expect("read config");
+    let changed = config.replace("max_refresh = \"2s\"", "max_refresh = \"3s\"");
+    assert_ne!(config, changed);
+    lb.srvlb.write_config(&changed);
+    lb.srvlb.signal("HUP");
+    lb.srvlb
+        .wait_log("configuration reloaded", Duration::from_secs(20));
+    assert_eq!(lb.backend(&dead)["state"], "ejected");
+    assert_eq!(connections(&lb), Some(served), "counters were reset");
 }
 
 /// A minimal IPv6 backend: greets with its name, then holds the connection until the client

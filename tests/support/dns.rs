@@ -19,7 +19,10 @@
 //!   by hickory-server's encoder; this module only makes sure the response carries
 //!   the client's payload size (see [`Handler::respond`]).
 //! - [`Failure`] turns the whole server into a failing one (SERVFAIL, REFUSED,
-//!   silence, NXDOMAIN) to test that discovery keeps its last good set.
+//!   silence, NXDOMAIN) to test that discovery keeps its last good set, or only
+//!   the queries for one name ([`TestDns::set_name_failure`]), e.g. an SRV target
+//!   whose A record is not ready.
+//! - [`TestDns::set_delay`] holds every answer back for a while: a slow server.
 //!
 //! Included both as `tests/support/dns.rs` and via `#[path]` from the demo, so it
 //! depends on crates only, never on sibling support modules.
@@ -103,6 +106,10 @@ struct Inner {
 struct State {
     nodes: HashMap<LowerName, Node>,
     failure: Option<Failure>,
+    /// Failure modes of single names; the global one wins.
+    name_failures: HashMap<LowerName, Failure>,
+    /// How long each answer is held back.
+    delay: Duration,
     additional: bool,
     queries: HashMap<LowerName, usize>,
 }
@@ -125,6 +132,8 @@ impl TestDns {
         let state = Arc::new(Mutex::new(State {
             nodes: HashMap::new(),
             failure: None,
+            name_failures: HashMap::new(),
+            delay: Duration::ZERO,
             additional: true,
             queries: HashMap::new(),
         }));
@@ -193,6 +202,22 @@ impl TestDns {
     /// Sets (or with `None` clears) the global failure mode.
     pub fn set_failure(&self, failure: Option<Failure>) {
         self.inner.state.lock().failure = failure;
+    }
+
+    /// Sets (or with `None` clears) the failure mode of queries for `name` only. A failing
+    /// name is also left out of additional sections, as a server that cannot answer for it
+    /// would.
+    pub fn set_name_failure(&self, name: &str, failure: Option<Failure>) {
+        let mut state = self.inner.state.lock();
+        match failure {
+            Some(f) => state.name_failures.insert(lower(name), f),
+            None => state.name_failures.remove(&lower(name)),
+        };
+    }
+
+    /// Holds every answer back for `delay` (zero: answer at once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner.state.lock().delay = delay;
     }
 
     /// Whether SRV answers carry their targets' A/AAAA in the additional
@@ -322,7 +347,10 @@ impl Handler {
         let mut state = self.state.lock();
         *state.queries.entry(qname.clone()).or_default() += 1;
 
-        match state.failure {
+        match state
+            .failure
+            .or_else(|| state.name_failures.get(&qname).copied())
+        {
             Some(Failure::Drop) => return None,
             Some(Failure::ServFail) => return Some(Reply::error(ResponseCode::ServFail)),
             Some(Failure::Refused) => return Some(Reply::error(ResponseCode::Refused)),
@@ -360,7 +388,12 @@ impl Handler {
             // Each target once, even when several SRV records share it.
             let mut seen = Vec::new();
             for srv in node.srv.iter().flat_map(|(_, set)| set) {
-                if srv.target.is_root() || seen.contains(&&srv.target) {
+                if srv.target.is_root()
+                    || seen.contains(&&srv.target)
+                    || state
+                        .name_failures
+                        .contains_key(&LowerName::new(&srv.target))
+                {
                     continue;
                 }
                 seen.push(&srv.target);
@@ -459,7 +492,12 @@ impl RequestHandler for Handler {
         request: &Request,
         response_handle: R,
     ) -> ResponseInfo {
-        match self.reply(request) {
+        let reply = self.reply(request);
+        let delay = self.state.lock().delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match reply {
             Some(reply) => Self::respond(request, reply, response_handle).await,
             // Failure::Drop: the client must see silence, not an error.
             None => header_only(Metadata::response_from_request(&request.metadata)),
