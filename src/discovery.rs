@@ -452,18 +452,57 @@ struct TierWatch {
     last_log: Option<Instant>,
 }
 
+/// A change of the tier new connections use, ready to be logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TierSwitch {
+    from: Option<u16>,
+    to: Option<u16>,
+    /// Away from the preferred tier (the alarming direction).
+    fallback: bool,
+    usable: usize,
+    in_tier: usize,
+    switches: u32,
+}
+
 impl TierWatch {
     fn check(&mut self, service: &str, pool: &Pool) {
+        let Some(switch) = self.observe(pool) else {
+            return;
+        };
+        let from = switch
+            .from
+            .map_or_else(|| "none".to_owned(), |p| p.to_string());
+        let to = switch
+            .to
+            .map_or_else(|| "none".to_owned(), |p| p.to_string());
+        let (usable, backends, switches) = (switch.usable, switch.in_tier, switch.switches);
+        if switch.fallback {
+            warn!(service, from_priority = %from, to_priority = %to, usable, backends, switches, "tier switch: preferred tier has no usable backend");
+        } else {
+            info!(service, from_priority = %from, to_priority = %to, usable, backends, switches, "tier switch: traffic returns to a preferred tier");
+        }
+    }
+
+    /// Compares the tier in use with the one last reported; returns a switch to report
+    /// (at most one per TIER_LOG_INTERVAL; flips in between are counted).
+    fn observe(&mut self, pool: &Pool) -> Option<TierSwitch> {
         let snapshot = pool.snapshot();
         let now = now_ms();
         let active = snapshot
             .active_tier(now)
             .map(|i| snapshot.tiers[i].priority);
-        let Some(logged) = self.logged else {
-            // The first observation is the baseline: "backends changed" already said it.
-            self.logged = Some(active);
-            self.seen = Some(active);
-            return;
+        let logged = match self.logged {
+            Some(logged) => logged,
+            // An empty pool before the first answer is no baseline.
+            None if snapshot.is_empty() => return None,
+            // The first look at a populated pool compares with its preferred tier: on it,
+            // nothing to say ("backends changed" said it); already past it, a failover.
+            None => {
+                let preferred = snapshot.tiers.first().map(|t| t.priority);
+                self.logged = Some(preferred);
+                self.seen = Some(preferred);
+                preferred
+            }
         };
         if self.seen != Some(active) {
             self.seen = Some(active);
@@ -474,7 +513,7 @@ impl TierWatch {
                 .last_log
                 .is_some_and(|at| at.elapsed() < TIER_LOG_INTERVAL)
         {
-            return;
+            return None;
         }
         let (usable, in_tier) = active
             .and_then(|p| snapshot.tiers.iter().find(|t| t.priority == p))
@@ -487,22 +526,27 @@ impl TierWatch {
                 (usable, t.backends.len())
             })
             .unwrap_or((0, 0));
-        let from = logged.map_or_else(|| "none".to_owned(), |p| p.to_string());
-        let to = active.map_or_else(|| "none".to_owned(), |p| p.to_string());
-        // Falling back (to a larger priority value or to none) is the alarming direction.
+        // Falling back (to a larger priority value, to none, or from none to a tier that is
+        // not the preferred one) is the alarming direction.
+        let preferred = snapshot.tiers.first().map(|t| t.priority);
         let fallback = match (logged, active) {
             (Some(old), Some(new)) => new > old,
             (Some(_), None) => true,
-            _ => false,
+            (None, Some(new)) => Some(new) != preferred,
+            (None, None) => false,
         };
-        if fallback {
-            warn!(service, from_priority = %from, to_priority = %to, usable, backends = in_tier, switches = self.switches, "tier switch: preferred tier has no usable backend");
-        } else {
-            info!(service, from_priority = %from, to_priority = %to, usable, backends = in_tier, switches = self.switches, "tier switch: traffic returns to a preferred tier");
-        }
+        let switch = TierSwitch {
+            from: logged,
+            to: active,
+            fallback,
+            usable,
+            in_tier,
+            switches: self.switches,
+        };
         self.logged = Some(active);
         self.switches = 0;
         self.last_log = Some(Instant::now());
+        Some(switch)
     }
 }
 
@@ -782,6 +826,51 @@ fn same_backend(a: &Endpoint, b: &Endpoint) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tier_watch_takes_no_baseline_from_an_empty_pool_and_reports_failover() {
+        let pool = Pool::new("svc", 1009);
+        let mut watch = TierWatch::default();
+        assert_eq!(watch.observe(&pool), None, "empty pool: nothing to report");
+        let ep = |i: u8, priority: u16| Endpoint {
+            target: format!("b{i}.test."),
+            port: 80,
+            addr: SocketAddr::from(([127, 0, 0, i], 80)),
+            priority,
+            weight: 1,
+        };
+        pool.update(&[ep(1, 10), ep(2, 20)]).expect("update");
+        // Tier 10 fails before the watch ever saw the populated pool with tier 10 active.
+        let snapshot = pool.snapshot();
+        let policy = crate::config::HealthConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(60),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        snapshot.tiers[0].backends[0]
+            .health
+            .record_failure(now_ms(), &policy, || true);
+        let switch = watch
+            .observe(&pool)
+            .expect("already failed over at the first look");
+        assert_eq!((switch.from, switch.to), (Some(10), Some(20)));
+        assert!(
+            switch.fallback,
+            "landing on a backup tier is a failover: {switch:?}"
+        );
+        assert_eq!(watch.observe(&pool), None, "reported once");
+        let mut fresh = TierWatch {
+            logged: Some(None),
+            ..TierWatch::default()
+        };
+        let switch = fresh.observe(&pool).expect("a switch from none");
+        assert_eq!((switch.from, switch.to), (None, Some(20)));
+        assert!(
+            switch.fallback,
+            "from none to a backup tier is a failover: {switch:?}"
+        );
+    }
 
     fn settings() -> ResolverConfig {
         ResolverConfig {
