@@ -269,13 +269,10 @@ async fn run() -> DemoResult<String> {
     alpha.kill().await;
     charlie.kill().await;
     foxtrot.kill().await;
-    println!("200 connections to web-p2c, 200 client addresses to web-maglev. Each preferred");
-    println!(
-        "backend is ejected after 3 refused connects; until then a refused connect is retried,"
-    );
-    println!(
-        "and once no preferred backend is left the next tier (delta, priority 20) takes over."
-    );
+    println!("200 connections to web-p2c, 200 client addresses to web-maglev. After 3 refused");
+    println!("connects a backend is ejected, or, past max_ejected_percent (default 50), held in");
+    println!("service but passed over; a refused connect is retried elsewhere, and a tier whose");
+    println!("backends are all failing yields to the next tier (delta, priority 20).");
     let some = vec![None; 200];
     let p2c_tally = batch(p2c_addr, &some, 20).await;
     let maglev_tally = batch(maglev_addr, &clients, 20).await;
@@ -358,11 +355,9 @@ listen = ["{maglev}"]
 srv = "{SRV_NAME}"
 balance = "maglev"
 connect_timeout = "500ms"
-connect_retries = 3
 [service.health]
 consecutive_failures = 3
 base_ejection = "30s"
-max_ejected_percent = 100  # let a dead preferred tier fail over to the backup tier
 
 [[service]]
 name = "{P2C}"
@@ -370,11 +365,9 @@ listen = ["{p2c}"]
 srv = "{SRV_NAME}"
 balance = "p2c"
 connect_timeout = "500ms"
-connect_retries = 3
 [service.health]
 consecutive_failures = 3
 base_ejection = "30s"
-max_ejected_percent = 100  # let a dead preferred tier fail over to the backup tier
 "#
     )
 }

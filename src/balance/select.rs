@@ -51,6 +51,8 @@ pub struct Selector<'a> {
     /// Addresses of the `Backend`s already handed out (pointer identity, kept as integers so
     /// the selector stays `Send` across the proxy's awaits).
     tried: Vec<usize>,
+    /// How many backends the caller will try at most (u32::MAX: no limit known).
+    max_attempts: u32,
 }
 
 impl<'a> Selector<'a> {
@@ -61,29 +63,65 @@ impl<'a> Selector<'a> {
             key,
             now,
             tried: Vec::with_capacity(4),
+            max_attempts: u32::MAX,
         }
     }
 
+    /// Tells the selector how many attempts the caller makes, so that the last one can go
+    /// where a failed tier cannot take it.
+    pub fn with_attempts(mut self, max_attempts: u32) -> Selector<'a> {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
     /// The next backend to try, or `None` when every backend has been tried.
+    ///
+    /// The first attempt follows the algorithm (tier, then Maglev or P2C). A retry prefers
+    /// a backend with no failure on record, so it does not walk from one dead backend to the
+    /// next while a tier is dying and its failures are still below the threshold; and a last
+    /// attempt after two failures goes to a tier not tried yet when one has a healthy
+    /// backend, so a client is served by a backup tier rather than reset while its preferred
+    /// tier dies.
     pub fn next_backend<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Option<Arc<Backend>> {
-        // A tier is preferred while it has a backend that is neither ejected, nor kept in
-        // only by the ejection cap, nor tried. A tier whose remaining backends are all
-        // failing is used only when no lower tier has a healthy one.
         let tiers = &self.snapshot.tiers;
-        let picked = tiers
-            .iter()
-            .filter(|tier| self.has_healthy(tier))
-            .find_map(|tier| self.pick_in_tier(tier, rng))
-            .or_else(|| tiers.iter().find_map(|tier| self.pick_in_tier(tier, rng)))
+        let healthy = |b: &Arc<Backend>| self.usable(b) && !b.health.is_held(self.now);
+        let clean = |b: &Arc<Backend>| healthy(b) && b.health.consecutive_failures() == 0;
+        let retrying = !self.tried.is_empty();
+        // Two failures for this client already: the tier may be dying faster than the
+        // failure counts show, so the final attempt leaves it if another tier can serve.
+        let last_after_two =
+            self.tried.len() >= 2 && self.tried.len() as u64 + 1 >= u64::from(self.max_attempts);
+        let picked = last_after_two
+            .then(|| {
+                tiers
+                    .iter()
+                    .filter(|tier| !tier.backends.iter().any(|b| self.was_tried(b)))
+                    .filter(|tier| tier.backends.iter().any(healthy))
+                    .find_map(|tier| self.pick_in_tier(tier, rng, &healthy))
+            })
+            .flatten()
+            .or_else(|| {
+                retrying
+                    .then(|| tiers.iter().find_map(|t| self.pick_in_tier(t, rng, &clean)))
+                    .flatten()
+            })
+            // A tier is preferred while it has a backend that is neither ejected, nor kept
+            // in only by the ejection cap, nor tried. A tier whose remaining backends are
+            // all failing is used only when no lower tier has a healthy one.
+            .or_else(|| {
+                tiers
+                    .iter()
+                    .filter(|tier| tier.backends.iter().any(healthy))
+                    .find_map(|tier| self.pick_in_tier(tier, rng, &|b| self.usable(b)))
+            })
+            .or_else(|| {
+                tiers
+                    .iter()
+                    .find_map(|tier| self.pick_in_tier(tier, rng, &|b| self.usable(b)))
+            })
             .or_else(|| self.least_recently_failed())?;
         self.tried.push(Arc::as_ptr(&picked) as usize);
         Some(picked)
-    }
-
-    fn has_healthy(&self, tier: &Tier) -> bool {
-        tier.backends
-            .iter()
-            .any(|b| self.usable(b) && !b.health.is_held(self.now))
     }
 
     fn usable(&self, backend: &Arc<Backend>) -> bool {
@@ -94,35 +132,45 @@ impl<'a> Selector<'a> {
         self.tried.contains(&(Arc::as_ptr(backend) as usize))
     }
 
-    fn pick_in_tier<R: Rng + ?Sized>(&self, tier: &Tier, rng: &mut R) -> Option<Arc<Backend>> {
+    /// The algorithm's pick among the tier's backends that pass `ok`.
+    fn pick_in_tier<R: Rng + ?Sized>(
+        &self,
+        tier: &Tier,
+        rng: &mut R,
+        ok: &dyn Fn(&Arc<Backend>) -> bool,
+    ) -> Option<Arc<Backend>> {
         let weighted = match self.balance {
             Balance::Maglev => tier
                 .maglev
                 .preference(self.key)
                 .map(|i| &tier.backends[i])
-                .find(|b| self.usable(b)),
+                .find(|b| ok(b)),
             Balance::P2c => tier
                 .p2c
                 .pick(
                     rng,
                     |i| tier.backends[i].active(),
-                    |i| self.usable(&tier.backends[i]),
+                    |i| ok(&tier.backends[i]),
                 )
                 .map(|i| &tier.backends[i]),
         };
         weighted
-            .or_else(|| self.zero_weight_fallback(tier))
+            .or_else(|| self.zero_weight_fallback(tier, ok))
             .map(Arc::clone)
     }
 
     /// RFC 2782: weight-0 backends take traffic only when no weighted backend of the tier is
     /// usable. (When every weight is 0 the tables already cover them all.)
-    fn zero_weight_fallback<'t>(&self, tier: &'t Tier) -> Option<&'t Arc<Backend>> {
+    fn zero_weight_fallback<'t>(
+        &self,
+        tier: &'t Tier,
+        ok: &dyn Fn(&Arc<Backend>) -> bool,
+    ) -> Option<&'t Arc<Backend>> {
         let zero = tier
             .backends
             .iter()
             .zip(&tier.weights)
-            .filter(|(b, w)| **w == 0 && self.usable(b))
+            .filter(|(b, w)| **w == 0 && ok(b))
             .map(|(b, _)| b);
         match self.balance {
             // Stable per client: start at a key-derived offset.
@@ -276,6 +324,82 @@ mod tests {
         eject(&snap.tiers[1].backends[0], now);
         let b = first(&snap, Balance::P2c, 1, now);
         assert!((1..=3).contains(&b), "got {b}");
+    }
+
+    fn fail_once(b: &Backend) {
+        let policy = HealthConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(60),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        b.health
+            .record_failure(crate::health::now_ms(), &policy, || true);
+    }
+
+    fn octet(b: &Backend) -> u8 {
+        match b.addr().ip() {
+            IpAddr::V4(v4) => v4.octets()[3],
+            IpAddr::V6(_) => 0,
+        }
+    }
+
+    #[test]
+    fn a_retry_prefers_a_backend_without_failures() {
+        let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 10, 1)]);
+        let snap = p.snapshot();
+        let mut rng = rand::rng();
+        for key in 0..50u64 {
+            let now = crate::health::now_ms();
+            // The key's plain preference order, before anything failed.
+            let mut plain = Selector::new(&snap, Balance::Maglev, key, now);
+            let first = plain.next_backend(&mut rng).expect("first");
+            let second = plain.next_backend(&mut rng).expect("second");
+            // Both have failed once (below the threshold of 3): still in service.
+            fail_once(&first);
+            fail_once(&second);
+            let mut s = Selector::new(&snap, Balance::Maglev, key, now);
+            assert_eq!(
+                octet(&s.next_backend(&mut rng).expect("first")),
+                octet(&first)
+            );
+            let retry = s.next_backend(&mut rng).expect("retry");
+            assert!(
+                octet(&retry) != octet(&second),
+                "key {key}: retried on a backend that just failed"
+            );
+            for b in &snap.tiers[0].backends {
+                b.health.record_success(0, crate::health::now_ms());
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_attempt_after_two_failures_leaves_the_tier() {
+        let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 10, 1), (4, 20, 1)]);
+        let snap = p.snapshot();
+        let mut rng = rand::rng();
+        for balance in [Balance::Maglev, Balance::P2c] {
+            for key in 0..20u64 {
+                let now = crate::health::now_ms();
+                let mut s = Selector::new(&snap, balance, key, now).with_attempts(3);
+                let a = s.next_backend(&mut rng).expect("1st");
+                let b = s.next_backend(&mut rng).expect("2nd");
+                assert!(octet(&a) != 4 && octet(&b) != 4, "preferred tier first");
+                let c = s.next_backend(&mut rng).expect("3rd");
+                assert_eq!(
+                    octet(&c),
+                    4,
+                    "{balance:?} key {key}: last attempt stayed in tier 1"
+                );
+                // With attempts to spare, a retry stays in the preferred tier.
+                let mut s = Selector::new(&snap, balance, key, now).with_attempts(4);
+                s.next_backend(&mut rng);
+                s.next_backend(&mut rng);
+                let c = s.next_backend(&mut rng).expect("3rd of 4");
+                assert_ne!(octet(&c), 4, "{balance:?}: left the tier too early");
+            }
+        }
     }
 
     #[test]

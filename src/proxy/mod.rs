@@ -315,7 +315,8 @@ async fn connect_any(
     peer: SocketAddr,
 ) -> Result<(ActiveGuard, TcpStream, u32, u64), NoBackend> {
     let key = client_key(peer, config.hash_key);
-    let mut selector = Selector::new(snapshot, config.balance, key, now_ms());
+    let mut selector = Selector::new(snapshot, config.balance, key, now_ms())
+        .with_attempts(config.connect_retries.saturating_add(1));
     let mut attempts = 0u32;
     while attempts <= config.connect_retries {
         let active = {
