@@ -3,7 +3,7 @@
 //! the records' TTL with jitter, and the rules that keep a flapping or failing registry from
 //! emptying a pool. It feeds whole answers to `Pool::update`; it never touches connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -268,29 +268,34 @@ pub async fn lookup_srv(
         return Answer::Absent("target \".\" (service absent)");
     }
     // Addresses from the additional section first; the other targets get their own queries.
+    // Indexed once, so a large answer costs one pass, not one pass per target.
+    let mut additional: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    let mut additional_ttl: HashMap<String, u32> = HashMap::new();
+    for record in lookup.additionals() {
+        let ip = match &record.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+            _ => continue,
+        };
+        let name = record.name.to_lowercase().to_string();
+        let min_ttl = additional_ttl.entry(name.clone()).or_insert(u32::MAX);
+        *min_ttl = (*min_ttl).min(record.ttl);
+        additional.entry(name).or_default().push(ip);
+    }
     let mut addresses: HashMap<String, Vec<IpAddr>> = HashMap::new();
     let mut to_resolve: Vec<(String, Name)> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
     for srv in records.iter().filter(|s| !s.target.is_root()) {
         let target = srv.target.to_lowercase().to_string();
-        if addresses.contains_key(&target) || to_resolve.iter().any(|(t, _)| *t == target) {
+        if !seen.insert(target.clone()) {
             continue;
         }
-        let mut from_additional = Vec::new();
-        for record in lookup.additionals() {
-            if record.name.to_lowercase() != srv.target.to_lowercase() {
-                continue;
+        match additional.remove(&target) {
+            Some(ips) => {
+                ttl = ttl.min(additional_ttl.get(&target).copied().unwrap_or(u32::MAX));
+                addresses.insert(target, ips);
             }
-            match &record.data {
-                RData::A(a) => from_additional.push(IpAddr::V4(a.0)),
-                RData::AAAA(aaaa) => from_additional.push(IpAddr::V6(aaaa.0)),
-                _ => continue,
-            }
-            ttl = ttl.min(record.ttl);
-        }
-        if from_additional.is_empty() {
-            to_resolve.push((target, srv.target.clone()));
-        } else {
-            addresses.insert(target, from_additional);
+            None => to_resolve.push((target, srv.target.clone())),
         }
     }
     let targets = addresses.len() + to_resolve.len();

@@ -76,52 +76,69 @@ impl<'a> Selector<'a> {
 
     /// The next backend to try, or `None` when every backend has been tried.
     ///
-    /// The first attempt follows the algorithm (tier, then Maglev or P2C). A retry prefers
-    /// a backend with no failure on record, so it does not walk from one dead backend to the
-    /// next while a tier is dying and its failures are still below the threshold; and a last
-    /// attempt after two failures goes to a tier not tried yet when one has a healthy
-    /// backend, so a client is served by a backup tier rather than reset while its preferred
-    /// tier dies.
+    /// The tier is the first one with a healthy backend (not ejected, not held by the
+    /// ejection cap, not tried); within it the algorithm (Maglev or P2C) picks. A retry
+    /// prefers, within that tier, a backend with no failure on record, so it does not walk
+    /// from one dead backend to the next while a tier dies and its failure counts are still
+    /// below the threshold. A last attempt after two failures leaves a tier that looks
+    /// dying (half its backends failing) for an untried tier with a healthy backend, so the
+    /// client is served by a backup tier rather than reset.
     pub fn next_backend<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Option<Arc<Backend>> {
         let tiers = &self.snapshot.tiers;
         let healthy = |b: &Arc<Backend>| self.usable(b) && !b.health.is_held(self.now);
         let clean = |b: &Arc<Backend>| healthy(b) && b.health.consecutive_failures() == 0;
+        let usable = |b: &Arc<Backend>| self.usable(b);
         let retrying = !self.tried.is_empty();
-        // Two failures for this client already: the tier may be dying faster than the
-        // failure counts show, so the final attempt leaves it if another tier can serve.
         let last_after_two =
             self.tried.len() >= 2 && self.tried.len() as u64 + 1 >= u64::from(self.max_attempts);
-        let picked = last_after_two
+        let escape = (last_after_two && self.tried_tiers_look_dying())
             .then(|| {
                 tiers
                     .iter()
                     .filter(|tier| !tier.backends.iter().any(|b| self.was_tried(b)))
-                    .filter(|tier| tier.backends.iter().any(healthy))
                     .find_map(|tier| self.pick_in_tier(tier, rng, &healthy))
             })
-            .flatten()
+            .flatten();
+        let picked = escape
             .or_else(|| {
+                let tier = tiers
+                    .iter()
+                    .find(|tier| tier.backends.iter().any(healthy))?;
                 retrying
-                    .then(|| tiers.iter().find_map(|t| self.pick_in_tier(t, rng, &clean)))
+                    .then(|| self.pick_in_tier(tier, rng, &clean))
                     .flatten()
+                    .or_else(|| self.pick_in_tier(tier, rng, &usable))
             })
-            // A tier is preferred while it has a backend that is neither ejected, nor kept
-            // in only by the ejection cap, nor tried. A tier whose remaining backends are
-            // all failing is used only when no lower tier has a healthy one.
+            // No tier has a healthy backend: held backends (kept in by the cap) still serve.
             .or_else(|| {
                 tiers
                     .iter()
-                    .filter(|tier| tier.backends.iter().any(healthy))
-                    .find_map(|tier| self.pick_in_tier(tier, rng, &|b| self.usable(b)))
-            })
-            .or_else(|| {
-                tiers
-                    .iter()
-                    .find_map(|tier| self.pick_in_tier(tier, rng, &|b| self.usable(b)))
+                    .find_map(|tier| self.pick_in_tier(tier, rng, &usable))
             })
             .or_else(|| self.least_recently_failed())?;
         self.tried.push(Arc::as_ptr(&picked) as usize);
         Some(picked)
+    }
+
+    /// True when, in some tier this client already tried, at least half of the backends are
+    /// ejected, held or have failures on record.
+    fn tried_tiers_look_dying(&self) -> bool {
+        self.snapshot
+            .tiers
+            .iter()
+            .filter(|tier| tier.backends.iter().any(|b| self.was_tried(b)))
+            .any(|tier| {
+                let failing = tier
+                    .backends
+                    .iter()
+                    .filter(|b| {
+                        !b.health.is_available(self.now)
+                            || b.health.is_held(self.now)
+                            || b.health.consecutive_failures() > 0
+                    })
+                    .count();
+                failing * 2 >= tier.backends.len()
+            })
     }
 
     fn usable(&self, backend: &Arc<Backend>) -> bool {
@@ -375,16 +392,23 @@ mod tests {
     }
 
     #[test]
-    fn the_last_attempt_after_two_failures_leaves_the_tier() {
+    fn the_last_attempt_after_two_failures_leaves_a_dying_tier() {
         let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 10, 1), (4, 20, 1)]);
         let snap = p.snapshot();
         let mut rng = rand::rng();
+        let reset = || {
+            for (_, b) in snap.iter() {
+                b.health.record_success(0, crate::health::now_ms());
+            }
+        };
         for balance in [Balance::Maglev, Balance::P2c] {
             for key in 0..20u64 {
                 let now = crate::health::now_ms();
                 let mut s = Selector::new(&snap, balance, key, now).with_attempts(3);
                 let a = s.next_backend(&mut rng).expect("1st");
+                fail_once(&a);
                 let b = s.next_backend(&mut rng).expect("2nd");
+                fail_once(&b);
                 assert!(octet(&a) != 4 && octet(&b) != 4, "preferred tier first");
                 let c = s.next_backend(&mut rng).expect("3rd");
                 assert_eq!(
@@ -392,12 +416,63 @@ mod tests {
                     4,
                     "{balance:?} key {key}: last attempt stayed in tier 1"
                 );
+                reset();
                 // With attempts to spare, a retry stays in the preferred tier.
                 let mut s = Selector::new(&snap, balance, key, now).with_attempts(4);
-                s.next_backend(&mut rng);
-                s.next_backend(&mut rng);
+                fail_once(&s.next_backend(&mut rng).expect("1st"));
+                fail_once(&s.next_backend(&mut rng).expect("2nd"));
                 let c = s.next_backend(&mut rng).expect("3rd of 4");
                 assert_ne!(octet(&c), 4, "{balance:?}: left the tier too early");
+                reset();
+            }
+        }
+    }
+
+    #[test]
+    fn a_last_attempt_stays_in_a_large_healthy_tier() {
+        // Two failures for this client in a tier of ten with nothing else failing: the tier
+        // is not dying, so the last attempt stays in it.
+        let mut spec: Vec<(u8, u16, u16)> = (1..=10).map(|i| (i, 10, 1)).collect();
+        spec.push((11, 20, 1));
+        let p = pool(&spec);
+        let snap = p.snapshot();
+        let mut rng = rand::rng();
+        for key in 0..20u64 {
+            let now = crate::health::now_ms();
+            let mut s = Selector::new(&snap, Balance::Maglev, key, now).with_attempts(3);
+            let a = s.next_backend(&mut rng).expect("1st");
+            fail_once(&a);
+            let b = s.next_backend(&mut rng).expect("2nd");
+            fail_once(&b);
+            let c = s.next_backend(&mut rng).expect("3rd");
+            assert_ne!(octet(&c), 11, "key {key}: left a healthy tier");
+            for (_, b) in snap.iter() {
+                b.health.record_success(0, crate::health::now_ms());
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_with_attempts_to_spare_stays_in_the_preferred_tier() {
+        // Old failures on record (below the threshold) in every preferred backend must not
+        // send retries to the backup tier while untried preferred backends remain.
+        let p = pool(&[(1, 10, 1), (2, 10, 1), (3, 10, 1), (4, 20, 1)]);
+        let snap = p.snapshot();
+        for b in &snap.tiers[0].backends {
+            fail_once(b);
+        }
+        let mut rng = rand::rng();
+        for balance in [Balance::Maglev, Balance::P2c] {
+            for key in 0..50u64 {
+                let now = crate::health::now_ms();
+                let mut s = Selector::new(&snap, balance, key, now).with_attempts(6);
+                s.next_backend(&mut rng).expect("1st");
+                let retry = s.next_backend(&mut rng).expect("retry");
+                assert_ne!(
+                    octet(&retry),
+                    4,
+                    "{balance:?} key {key}: retry skipped tier 1"
+                );
             }
         }
     }

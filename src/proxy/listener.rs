@@ -152,6 +152,11 @@ impl Listener {
     }
 
     pub fn set_service(&self, service: Arc<Service>) {
+        // A reload that keeps the service must not make the loop give up its permit and
+        // queue again behind everyone else.
+        if Arc::ptr_eq(&self.service.load(), &service) {
+            return;
+        }
         self.service.store(service);
         // After the store: a loop that sees the tick loads the new service.
         self.swapped.send_replace(());
@@ -203,8 +208,8 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff.success();
-                // The service may have been swapped by a reload while we waited.
-                let service = slot.load_full();
+                // Served by the service whose permit it holds; a swap since then restarts
+                // the loop for the next client (`swapped`).
                 let tracked = tracker.track();
                 tokio::spawn(async move {
                     let _permit = permit;

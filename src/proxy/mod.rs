@@ -473,7 +473,11 @@ pub fn blame(e: &io::Error) -> Blame {
             | Errno::CONNRESET
             | Errno::CONNABORTED
             | Errno::HOSTUNREACH
-            | Errno::NETUNREACH,
+            | Errno::NETUNREACH
+            // An address family this host cannot use (an AAAA target on a host with IPv6
+            // disabled): that backend address is unreachable from here, like NETUNREACH.
+            | Errno::AFNOSUPPORT
+            | Errno::PROTONOSUPPORT,
         ) => Blame::Backend,
         Some(Errno::ADDRNOTAVAIL | Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
             Blame::Local
@@ -488,9 +492,10 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     };
-    // No socket at all is always a local shortage, whatever the errno says.
+    // EMFILE/ENFILE/ENOBUFS/ENOMEM here are local shortages; EAFNOSUPPORT means this
+    // backend's address family is unusable on this host (see `blame`).
     let socket = socket.map_err(|error| ConnectError {
-        blame: Blame::Local,
+        blame: blame(&error),
         error,
     })?;
     let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
@@ -531,6 +536,7 @@ mod tests {
             Errno::HOSTUNREACH,
             Errno::NETUNREACH,
             Errno::TIMEDOUT,
+            Errno::AFNOSUPPORT,
         ] {
             assert_eq!(blame(&errno(e)), Blame::Backend, "{e:?}");
         }
