@@ -647,10 +647,17 @@ impl Discovery {
             self.status.first_outcome_applied();
             let next = tokio::time::sleep(delay);
             tokio::pin!(next);
+            let mut settings_live = true;
             loop {
                 tokio::select! {
                     _ = &mut next => break,
                     _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
+                    // A reload changed the refresh settings: look again now, so a shorter
+                    // max_refresh or empty_hold does not wait out the old, longer interval.
+                    changed = self.settings_updates.changed(), if settings_live => match changed {
+                        Ok(()) => break,
+                        Err(_) => settings_live = false, // the service is gone; shutdown follows
+                    },
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
             }
@@ -659,10 +666,9 @@ impl Discovery {
 
     /// The consequences of one lookup's answer; returns when to look again.
     async fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
-        // Settings from a reload apply from here on: the hold, the next interval.
-        if self.settings_updates.has_changed().unwrap_or(false) {
-            self.settings = self.settings_updates.borrow_and_update().clone();
-        }
+        // Settings from a reload apply from here on: the hold, the next interval. (Read
+        // unconditionally: the sleep above may already have marked the change as seen.)
+        self.settings = self.settings_updates.borrow_and_update().clone();
         // `rand::rng()` per use: the thread-local generator must not be held across an await.
         match answer {
             Answer::Found {

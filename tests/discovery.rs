@@ -1010,6 +1010,41 @@ fn reload_of_refresh_settings_only_keeps_pool_state() {
     assert_eq!(connections(&lb), Some(served), "counters were reset");
 }
 
+#[test]
+fn a_shorter_max_refresh_from_a_reload_applies_without_waiting_out_the_old_interval() {
+    let dns = Dns::start();
+    let live = TestBackend::start("live", Mode::Identify);
+    dns.publish_on(SRV_NAME, 3600, &[(&live, 10, 10)]);
+    // Address TTLs count too: make them long as well.
+    dns.server
+        .set_addrs(&srv_host("live"), 3600, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let slow = "min_refresh = \"1s\"\nmax_refresh = \"1h\"";
+    let lb = start_lb(&dns, "p2c", slow, "");
+    lb.wait_serving(&["live"], Duration::from_secs(15));
+    // TTL 3600 clamped to 1 h: no further query for a long while.
+    let q0 = dns.server.queries(SRV_NAME);
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        dns.server.queries(SRV_NAME),
+        q0,
+        "refreshed early with a 1 h interval"
+    );
+
+    let config = std::fs::read_to_string(&lb.srvlb.config_path).expect("read config");
+    let changed = config.replace("max_refresh = \"1h\"", "max_refresh = \"1s\"");
+    assert_ne!(config, changed);
+    lb.srvlb.write_config(&changed);
+    lb.srvlb.signal("HUP");
+    lb.srvlb
+        .wait_log("configuration reloaded", Duration::from_secs(20));
+    // The next lookups come at the new interval, not after the old hour.
+    assert!(
+        eventually(Duration::from_secs(8), || dns.server.queries(SRV_NAME)
+            >= q0 + 2),
+        "no refresh after max_refresh was lowered to 1s"
+    );
+}
+
 /// A minimal IPv6 backend: greets with its name, then holds the connection until the client
 /// closes it. (TestBackend binds 127.0.0.1 only.)
 struct Greeter {
