@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::harness::{Mode, StaticLb as Lb, TestBackend, eventually, who_answers};
+use support::harness::{Mode, StaticLb as Lb, TestBackend, black_hole, eventually, who_answers};
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -311,40 +311,6 @@ fn reset_after_half_close_reaches_a_silent_backend() {
             .as_str()
             .is_some_and(|r| r.starts_with("client_reset")))));
     eprintln!("reset after half-close reached the backend in {after:?}");
-}
-
-/// A listener whose accept queue is full: connects to it hang until they time out.
-struct BlackHole {
-    _listener: socket2::Socket,
-    _queued: Vec<socket2::Socket>,
-    addr: SocketAddr,
-}
-
-fn black_hole() -> BlackHole {
-    use socket2::{Domain, Socket, Type};
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    listener.bind(&local(0).into()).expect("bind black hole");
-    listener.listen(0).expect("listen");
-    let addr = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .expect("black hole address");
-    let mut queued = Vec::new();
-    for _ in 0..8 {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        if s.connect_timeout(&addr.into(), Duration::from_millis(300))
-            .is_err()
-        {
-            break;
-        }
-        queued.push(s);
-    }
-    BlackHole {
-        _listener: listener,
-        _queued: queued,
-        addr,
-    }
 }
 
 /// A connect still in flight counts as an active connection of its backend (P2C compares

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::harness::{
-    Mode, StaticLb as Lb, TestBackend, eventually, http_get, who_answers, who_answers_from,
+    Mode, StaticLb as Lb, TestBackend, black_hole, eventually, http_get, who_answers,
+    who_answers_from,
 };
 
 fn local(port: u16) -> SocketAddr {
@@ -169,48 +170,6 @@ fn killed_backend_is_retried_ejected_and_readmitted_after_restart() {
     );
     assert!(lb.backend_metric("srvlb_backend_readmissions_total", victim) >= 1);
     assert!(lb.backend_metric("srvlb_backend_ejections_total", victim) >= 1);
-}
-
-/// A listener whose accept queue is full and that never accepts: the kernel drops further
-/// SYNs, so connects to it time out.
-struct BlackHole {
-    _listener: socket2::Socket,
-    _queued: Vec<socket2::Socket>,
-    addr: SocketAddr,
-}
-
-fn black_hole() -> BlackHole {
-    use socket2::{Domain, Socket, Type};
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    listener.bind(&local(0).into()).expect("bind black hole");
-    listener.listen(0).expect("listen");
-    let addr = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .expect("black hole address");
-    let mut queued = Vec::new();
-    for _ in 0..8 {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        if s.connect_timeout(&addr.into(), Duration::from_millis(300))
-            .is_err()
-        {
-            break;
-        }
-        queued.push(s);
-    }
-    let probe = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    assert!(
-        probe
-            .connect_timeout(&addr.into(), Duration::from_millis(300))
-            .is_err(),
-        "setup: the black hole still completes handshakes"
-    );
-    BlackHole {
-        _listener: listener,
-        _queued: queued,
-        addr,
-    }
 }
 
 #[test]

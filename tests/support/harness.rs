@@ -612,3 +612,47 @@ static = [{statics}]
         self.srvlb.log().join("\n")
     }
 }
+
+/// A listener whose accept queue is full and that never accepts: the kernel drops further
+/// SYNs, so connects to it time out.
+pub struct BlackHole {
+    _listener: socket2::Socket,
+    _queued: Vec<socket2::Socket>,
+    pub addr: SocketAddr,
+}
+
+pub fn black_hole() -> BlackHole {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind black hole");
+    listener.listen(0).expect("listen");
+    let addr = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("black hole address");
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        if s.connect_timeout(&addr.into(), Duration::from_millis(300))
+            .is_err()
+        {
+            break;
+        }
+        queued.push(s);
+    }
+    let probe = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    assert!(
+        probe
+            .connect_timeout(&addr.into(), Duration::from_millis(300))
+            .is_err(),
+        "setup: the black hole still completes handshakes"
+    );
+    BlackHole {
+        _listener: listener,
+        _queued: queued,
+        addr,
+    }
+}
