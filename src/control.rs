@@ -270,6 +270,7 @@ impl Server {
                     connections = self.tracker.open(),
                     "shutdown grace elapsed; closing the remaining connections"
                 );
+                cut_connections(&self.tracker).await;
             }
         }
         if let Some(admin) = self.admin.take() {
@@ -280,6 +281,15 @@ impl Server {
     pub fn reloads(&self) -> &AdminState {
         &self.admin_state
     }
+}
+
+/// Ends every open connection and gives their tasks a moment to do it themselves: a task
+/// knows whether bytes were still in flight and then resets both sides, whereas a socket
+/// closed by the runtime going away would send a clean FIN and pass a cut stream off as
+/// complete.
+async fn cut_connections(tracker: &ConnectionTracker) {
+    tracker.cut_all();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
 }
 
 /// How long a reload (or start) waits for new services' first lookups, all together: one
@@ -361,10 +371,17 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
     // A second SIGTERM/SIGINT (`systemctl stop` again, Ctrl-C twice) means "stop now": the
     // operator has chosen to cut what is left rather than wait out the grace period. The
     // drain is abandoned; returning ends the runtime, which closes every connection.
+    let tracker = server.tracker().clone();
     tokio::select! {
         () = server.shutdown(grace) => info!("srvlb stopped"),
-        _ = terminate.recv() => warn!("second stop signal (SIGTERM): closing the remaining connections now"),
-        _ = interrupt.recv() => warn!("second stop signal (SIGINT): closing the remaining connections now"),
+        _ = terminate.recv() => {
+            warn!("second stop signal (SIGTERM): closing the remaining connections now");
+            cut_connections(&tracker).await;
+        }
+        _ = interrupt.recv() => {
+            warn!("second stop signal (SIGINT): closing the remaining connections now");
+            cut_connections(&tracker).await;
+        }
     }
     Ok(())
 }

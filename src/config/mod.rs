@@ -70,6 +70,9 @@ pub struct ServiceConfig {
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// TCP keepalive on both legs: the silence before the first probe, which is also the
+    /// interval between probes ([`KEEPALIVE_PROBES`] of them). `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// Further backends tried after a failed connect.
     pub connect_retries: u32,
     pub max_connections: usize,
@@ -80,6 +83,10 @@ pub struct ServiceConfig {
     pub send_proxy: Option<ProxyProtocol>,
     pub health: HealthConfig,
 }
+
+/// Unanswered keepalive probes after which the kernel declares a peer gone, so a vanished
+/// peer is noticed within `(1 + KEEPALIVE_PROBES) * tcp_keepalive` of silence.
+pub const KEEPALIVE_PROBES: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {

@@ -106,6 +106,16 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
         &[format!("timeout {}, {retries}", dur(s.connect_timeout))],
     );
     row(out, "idle timeout", &[dur(s.idle_timeout)]);
+    let keepalive = match s.tcp_keepalive {
+        None => "off".to_string(),
+        Some(every) => format!(
+            "probe after {} of silence, every {} after; peer gone after {} unanswered",
+            dur(every),
+            dur(every),
+            super::KEEPALIVE_PROBES
+        ),
+    };
+    row(out, "tcp keepalive", &[keepalive]);
     row(out, "max connections", &[s.max_connections.to_string()]);
     row(out, "source filter", &[source_filter(s)]);
     let proxy = match s.send_proxy {

@@ -52,6 +52,7 @@ pub(crate) struct RawService {
     pub hash_key: Option<Spanned<Scalar>>,
     pub connect_timeout: Option<Spanned<Scalar>>,
     pub idle_timeout: Option<Spanned<Scalar>>,
+    pub tcp_keepalive: Option<Spanned<Scalar>>,
     pub connect_retries: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub allow: Option<Vec<Text>>,

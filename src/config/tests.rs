@@ -78,6 +78,7 @@ fn defaults_are_applied() {
         hash_key: HashKey::ClientIp,
         connect_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(3600),
+        tcp_keepalive: Some(Duration::from_secs(30)),
         connect_retries: 2,
         max_connections: 10_000,
         allow: vec![],
@@ -114,6 +115,7 @@ balance = "p2c"
 hash_key = "client_ip_port"
 connect_timeout = "1s500ms"
 idle_timeout = "1h30m"
+tcp_keepalive = "75s"
 connect_retries = 0
 max_connections = 7
 allow = ["10.0.0.0/8", "192.0.2.7"]
@@ -149,6 +151,7 @@ max_ejected_percent = 100
     );
     assert_eq!(s.connect_timeout, Duration::from_millis(1500));
     assert_eq!(s.idle_timeout, Duration::from_secs(5400));
+    assert_eq!(s.tcp_keepalive, Some(Duration::from_secs(75)));
     assert_eq!((s.connect_retries, s.max_connections), (0, 7));
     assert_eq!(
         s.allow,
@@ -354,6 +357,29 @@ fn bad_duration() {
     assert!(
         e.starts_with("t.toml:2:11: resolver.timeout: empty duration;"),
         "{e}"
+    );
+}
+
+#[test]
+fn tcp_keepalive_is_a_duration_or_a_switch() {
+    let keepalive = |line: &str| ok(&format!("{SERVICE}{line}")).services[0].tcp_keepalive;
+    assert_eq!(keepalive(""), Some(Duration::from_secs(30)));
+    assert_eq!(
+        keepalive("tcp_keepalive = true\n"),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(keepalive("tcp_keepalive = false\n"), None);
+    assert_eq!(
+        keepalive("tcp_keepalive = \"2m\"\n"),
+        Some(Duration::from_secs(120))
+    );
+    assert_eq!(
+        err(&format!("{SERVICE}tcp_keepalive = \"500ms\"\n")),
+        "t.toml:5:17: service \"pg\": tcp_keepalive: must be between 1s and 32767s, or false to turn it off"
+    );
+    assert!(
+        err(&format!("{SERVICE}tcp_keepalive = 30\n"))
+            .starts_with("t.toml:5:17: service \"pg\": tcp_keepalive: 30 has no unit;"),
     );
 }
 

@@ -12,7 +12,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::error::{Problem, line_column};
-use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Text};
+use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text};
 use super::values::{
     addresses, check_dns_name, duration_or, integer, nameserver, networks, nonzero, ordered,
     socket_addr, word,
@@ -309,6 +309,7 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
     )?;
     // Zero would close every connection at once; there is no "disabled" meaning to give it.
     nonzero(idle_timeout, raw.idle_timeout.as_ref(), p, "idle_timeout")?;
+    let tcp_keepalive = keepalive(raw.tcp_keepalive.as_ref(), p)?;
     let connect_retries = integer(raw.connect_retries.as_ref(), 2, 0, p, "connect_retries")?;
     // u32 bounds the limit to what the connection semaphore can hold.
     let max_connections: u32 = integer(
@@ -341,6 +342,7 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         hash_key,
         connect_timeout,
         idle_timeout,
+        tcp_keepalive,
         connect_retries,
         max_connections,
         allow,
@@ -353,6 +355,29 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         name_span,
         listen_spans,
     })
+}
+
+/// `tcp_keepalive`: a duration (default 30s), `true` for the default, or `false` for off.
+fn keepalive(value: Option<&Spanned<Scalar>>, p: &str) -> Result<Option<Duration>, Problem> {
+    const DEFAULT: Duration = Duration::from_secs(30);
+    match value.map(Spanned::get_ref) {
+        None | Some(Scalar::Boolean(true)) => Ok(Some(DEFAULT)),
+        Some(Scalar::Boolean(false)) => Ok(None),
+        Some(_) => {
+            let interval = duration_or(value, DEFAULT, p, "tcp_keepalive")?;
+            // The kernel counts keepalive time in whole seconds, from 1 to 32767.
+            if interval < Duration::from_secs(1) || interval > Duration::from_secs(32_767) {
+                let span = value.map(Spanned::span).unwrap_or(0..0);
+                return Err(Problem::at(
+                    span,
+                    format!(
+                        "{p}tcp_keepalive: must be between 1s and 32767s, or false to turn it off"
+                    ),
+                ));
+            }
+            Ok(Some(interval))
+        }
+    }
 }
 
 fn service_name(

@@ -5,9 +5,10 @@
 //! userspace copy does. Either way pipes and buffers are taken only while bytes are in
 //! flight, so an idle connection holds none.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -44,6 +45,8 @@ pub enum End {
     Reset(Side, io::ErrorKind),
     /// Nothing moved for the idle timeout.
     IdleTimeout,
+    /// srvlb ended the connection itself: the shutdown grace elapsed.
+    Shutdown,
 }
 
 impl End {
@@ -52,6 +55,7 @@ impl End {
             End::Closed => "closed".to_owned(),
             End::Reset(side, kind) => format!("{}_reset({kind:?})", side.label()),
             End::IdleTimeout => "idle_timeout".to_owned(),
+            End::Shutdown => "shutdown".to_owned(),
         }
     }
 }
@@ -66,6 +70,74 @@ pub struct Transfer {
     /// When (`now_ms`) that first FIN or reset was seen.
     pub first_finish_at: Option<u64>,
     pub end: End,
+    /// srvlb ended the connection itself (idle timeout, shutdown) with bytes still pending,
+    /// so both sides were reset rather than closed cleanly: a clean FIN would let a peer
+    /// take a cut stream for a complete one.
+    pub cut_pending: bool,
+}
+
+/// One direction's progress, shared by its pump and the connection's idle watch.
+///
+/// Any progress, however small (a partial write, a few bytes read), moves the idle clock:
+/// a slow reader draining a large response a few KiB at a time is active, not idle.
+pub(crate) struct Progress<'a> {
+    last_activity: &'a AtomicU64,
+    /// How often a pump blocked on a full destination tries the write again although the
+    /// kernel has not said "writable": it says so only once a third of the send buffer is
+    /// free, which a slow but steady reader may take longer than the idle timeout to free.
+    /// A quarter of the idle timeout, so progress is seen well before the clock runs out.
+    probe_every: Duration,
+    /// True while the pump holds bytes taken from the source and not yet all written to
+    /// the destination (in its buffer or pipe).
+    holding: AtomicBool,
+}
+
+impl<'a> Progress<'a> {
+    pub(crate) fn new(last_activity: &'a AtomicU64, idle: Duration) -> Progress<'a> {
+        Progress {
+            last_activity,
+            probe_every: (idle / 4).max(Duration::from_millis(10)),
+            holding: AtomicBool::new(false),
+        }
+    }
+
+    /// Resolves when `to` is writable, or when it is time to probe it anyway, and then
+    /// writes with `write`. A write after tokio's wake-up goes through `try_io`, so EAGAIN
+    /// clears tokio's readiness flag (else the next wait would return at once and spin); a
+    /// probe writes past that flag, which stays "not writable" until the kernel's next
+    /// wake-up, and its EAGAIN changes nothing.
+    pub(crate) async fn write_when_ready(
+        &self,
+        to: &TcpStream,
+        mut write: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let woken = tokio::select! {
+            ready = to.writable() => {
+                ready?;
+                true
+            }
+            () = tokio::time::sleep(self.probe_every) => false,
+        };
+        if woken {
+            to.try_io(Interest::WRITABLE, write)
+        } else {
+            write()
+        }
+    }
+
+    /// Bytes moved (read from the source or written to the destination).
+    pub(crate) fn touch(&self) {
+        self.last_activity.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes were taken from the source (`true`) or all handed to the destination (`false`).
+    pub(crate) fn set_holding(&self, holding: bool) {
+        self.holding.store(holding, Ordering::Relaxed);
+    }
+
+    fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
+    }
 }
 
 enum PumpError {
@@ -73,12 +145,17 @@ enum PumpError {
     Write(io::Error),
 }
 
-/// Proxies until both directions are done, one side resets, or nothing moves for `idle`.
-/// On a reset, both sockets are set to reset on close (SO_LINGER 0); the caller drops them.
+/// Proxies until both directions are done, one side resets, nothing moves for `idle`, or
+/// `cut` resolves (the shutdown grace elapsed). On a reset, both sockets are set to reset on
+/// close (SO_LINGER 0); the caller drops them. When srvlb itself ends the connection (idle
+/// timeout, `cut`) while bytes are still pending in either direction, both sides are reset
+/// too, so neither can mistake the cut stream for a complete one; with nothing pending they
+/// get a clean FIN.
 pub async fn proxy_streams(
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
+    cut: impl Future<Output = ()>,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
 ) -> Transfer {
     #[cfg(target_os = "linux")]
@@ -91,11 +168,13 @@ pub async fn proxy_streams(
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
+    let up_progress = Progress::new(&last_activity, idle);
+    let down_progress = Progress::new(&last_activity, idle);
     let c2b = pump(
         client,
         backend,
         &up,
-        &last_activity,
+        &up_progress,
         Side::Client,
         on_bytes,
         pipes,
@@ -104,14 +183,14 @@ pub async fn proxy_streams(
         backend,
         client,
         &down,
-        &last_activity,
+        &down_progress,
         Side::Backend,
         on_bytes,
         pipes,
     );
     tokio::pin!(c2b, b2c);
     let idle_expired = idle_watch(&last_activity, idle);
-    tokio::pin!(idle_expired);
+    tokio::pin!(idle_expired, cut);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
     let mut first_to_finish: Option<(Side, u64)> = None;
@@ -143,12 +222,18 @@ pub async fn proxy_streams(
                 break fail(Side::Backend, e, &mut first_to_finish)
             }
             () = &mut idle_expired => break End::IdleTimeout,
+            () = &mut cut => break End::Shutdown,
         }
         if c2b_done && b2c_done {
             break End::Closed;
         }
     };
-    if matches!(end, End::Reset(..)) {
+    let cut_pending = matches!(end, End::IdleTimeout | End::Shutdown)
+        && (up_progress.is_holding()
+            || down_progress.is_holding()
+            || unread(client)
+            || unread(backend));
+    if matches!(end, End::Reset(..)) || cut_pending {
         reset_on_close(client);
         reset_on_close(backend);
     }
@@ -158,7 +243,14 @@ pub async fn proxy_streams(
         first_to_finish: first_to_finish.map(|(side, _)| side),
         first_finish_at: first_to_finish.map(|(_, at)| at),
         end,
+        cut_pending,
     }
+}
+
+/// True when the kernel holds bytes from `stream`'s peer that srvlb has not read yet (or
+/// when that cannot be told: erring towards a reset never passes a cut stream off as whole).
+fn unread(stream: &TcpStream) -> bool {
+    rustix::io::ioctl_fionread(stream).map_or(true, |n| n > 0)
 }
 
 fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
@@ -210,7 +302,7 @@ async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     counter: &AtomicU64,
-    last_activity: &AtomicU64,
+    progress: &Progress<'_>,
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
@@ -221,9 +313,8 @@ async fn pump(
         let mut moved = |n: u64| {
             counter.fetch_add(n, Ordering::Relaxed);
             on_bytes(side, n);
-            last_activity.store(now_ms(), Ordering::Relaxed);
         };
-        match splice_direction(from, to, pipes, &mut moved).await {
+        match splice_direction(from, to, pipes, progress, &mut moved).await {
             SpliceEnd::Eof => return pass_fin(to),
             SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
             SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
@@ -256,11 +347,15 @@ async fn pump(
         match from.try_read_buf(buf) {
             Ok(0) => return pass_fin(to),
             Ok(n) => {
-                write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
+                progress.set_holding(true);
+                progress.touch();
+                write_all_progress(to, &buf[..n], Some(progress))
+                    .await
+                    .map_err(PumpError::Write)?;
+                progress.set_holding(false);
                 let n = n as u64;
                 counter.fetch_add(n, Ordering::Relaxed);
                 on_bytes(side, n);
-                last_activity.store(now_ms(), Ordering::Relaxed);
             }
             // Drained: give the buffer back so an idle connection holds no memory.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
@@ -289,12 +384,37 @@ fn splice_enabled() -> bool {
 }
 
 /// Writes all of `data` to a stream shared by reference.
-pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
+    write_all_progress(to, data, None).await
+}
+
+/// [`write_all`], telling `progress` about every partial write.
+async fn write_all_progress(
+    to: &TcpStream,
+    mut data: &[u8],
+    progress: Option<&Progress<'_>>,
+) -> io::Result<()> {
     while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
+        let written = match progress {
+            None => {
+                to.writable().await?;
+                to.try_write(data)
+            }
+            // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
+            Some(progress) => {
+                progress
+                    .write_when_ready(to, || SockRef::from(to).send(data))
+                    .await
+            }
+        };
+        match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                if let Some(progress) = progress {
+                    progress.touch();
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -348,12 +468,13 @@ mod tests {
         let pipes = PipePool::exhausted();
         let counter = AtomicU64::new(0);
         let last = AtomicU64::new(0);
+        let progress = Progress::new(&last, Duration::from_secs(60));
         let pumped = async {
             let end = pump(
                 &near,
                 &far,
                 &counter,
-                &last,
+                &progress,
                 Side::Client,
                 &|_, _| {},
                 &pipes,

@@ -51,14 +51,38 @@ pub struct ConnectionTracker {
     inner: Arc<TrackerInner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TrackerInner {
     open: AtomicUsize,
     idle: Notify,
+    /// Set once the shutdown grace has elapsed: every open connection ends now.
+    cut: watch::Sender<bool>,
+}
+
+impl Default for TrackerInner {
+    fn default() -> TrackerInner {
+        TrackerInner {
+            open: AtomicUsize::new(0),
+            idle: Notify::new(),
+            cut: watch::Sender::new(false),
+        }
+    }
 }
 
 /// Held by a connection task; the count drops when it ends, however it ends.
 pub struct Tracked(Arc<TrackerInner>);
+
+impl Tracked {
+    /// Resolves when the connection must end now (the shutdown grace elapsed).
+    pub async fn cut(&self) {
+        let mut cut = self.0.cut.subscribe();
+        // Err only if the sender is gone, which cannot happen while `self` holds it; treat it
+        // as "never".
+        if cut.wait_for(|cut| *cut).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 impl Drop for Tracked {
     fn drop(&mut self) {
@@ -76,6 +100,12 @@ impl ConnectionTracker {
 
     pub fn open(&self) -> usize {
         self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Tells every open connection to end now. Each ends in its own task: with a reset
+    /// when bytes were still in flight, else with a clean close.
+    pub fn cut_all(&self) {
+        self.inner.cut.send_replace(true);
     }
 
     /// Resolves once no connection is open.
@@ -213,8 +243,7 @@ async fn accept_loop(
                 let tracked = tracker.track();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let _tracked = tracked;
-                    serve_client(service, stream, peer).await;
+                    serve_client(service, stream, peer, tracked).await;
                 });
             }
             Err(e) => {
@@ -272,8 +301,7 @@ fn drain_backlog(
         let tracked = tracker.track();
         tokio::spawn(async move {
             let _permit = permit;
-            let _tracked = tracked;
-            serve_client(service, stream, peer).await;
+            serve_client(service, stream, peer, tracked).await;
         });
     }
     drained

@@ -137,7 +137,16 @@ static EJECTION_LOG: LogThrottle = LogThrottle::with_burst(Duration::from_secs(1
 static READMISSION_LOG: LogThrottle = LogThrottle::with_burst(Duration::from_secs(1), 20);
 
 /// Serves one accepted client from start to close.
-pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: SocketAddr) {
+///
+/// `tracked` counts the connection for the shutdown drain and tells it when the drain's
+/// grace has elapsed, so that the connection is ended by its own task, which knows whether
+/// bytes are still in flight (and then resets both sides instead of closing them cleanly).
+pub async fn serve_client(
+    service: Arc<Service>,
+    client: TcpStream,
+    peer: SocketAddr,
+    tracked: listener::Tracked,
+) {
     let started = Instant::now();
     service.stats.accepted.fetch_add(1, Ordering::Relaxed);
     service.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -182,6 +191,8 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
             }
         };
     let backend = &backend_active.0;
+    set_keepalive(&client, config.tcp_keepalive);
+    set_keepalive(&stream, config.tcp_keepalive);
     let transfer = match send_proxy_header(&config, &client, peer, &stream).await {
         Ok(()) => {
             // The first byte either way proves the backend works: record the success then,
@@ -197,7 +208,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                     record_success(&service, backend, connected_at);
                 }
             };
-            proxy_streams(&client, &stream, config.idle_timeout, &count).await
+            proxy_streams(&client, &stream, config.idle_timeout, tracked.cut(), &count).await
         }
         Err(e) => {
             reset_on_close(&client);
@@ -207,6 +218,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
                 first_to_finish: Some(Side::Backend),
                 first_finish_at: Some(now_ms()),
                 end: End::Reset(Side::Backend, e.kind()),
+                cut_pending: false,
             }
         }
     };
@@ -228,6 +240,7 @@ pub async fn serve_client(service: Arc<Service>, client: TcpStream, peer: Socket
         bytes_out = transfer.backend_to_client,
         duration_ms = started.elapsed().as_millis() as u64,
         reason = %transfer.end.label(),
+        reset_pending = transfer.cut_pending,
         "connection closed"
     );
 }
@@ -484,6 +497,21 @@ pub fn blame(e: &io::Error) -> Blame {
         }
         _ => Blame::Unknown,
     }
+}
+
+/// Turns on TCP keepalive so that a peer that vanished (a host powered off, a NAT entry
+/// dropped) is noticed after about `(1 + KEEPALIVE_PROBES) * every` of silence instead of at
+/// the idle timeout, which is typically an hour.
+fn set_keepalive(stream: &TcpStream, every: Option<Duration>) {
+    let Some(every) = every else {
+        return;
+    };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(every)
+        .with_interval(every)
+        .with_retries(crate::config::KEEPALIVE_PROBES);
+    // Fails only when the connection is already gone; the transfer will report that.
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 /// Connects with TCP_NODELAY within `timeout`.

@@ -452,6 +452,16 @@ pub struct StaticLb {
 
 impl StaticLb {
     pub fn start(backends: &[SocketAddr], service: &str, health: &str) -> StaticLb {
+        Self::start_with_env(backends, service, health, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment for srvlb (e.g. `SRVLB_SPLICE=0`).
+    pub fn start_with_env(
+        backends: &[SocketAddr],
+        service: &str,
+        health: &str,
+        env: &[(&str, &str)],
+    ) -> StaticLb {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let statics = backends
@@ -477,7 +487,7 @@ static = [{statics}]
 "#
         );
         let lb = StaticLb {
-            srvlb: Srvlb::start(&config),
+            srvlb: Srvlb::start_with_env(&config, env),
             listen,
             admin,
         };
