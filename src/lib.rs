@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod discovery;
 pub mod health;
+pub mod log_throttle;
 pub mod pool;
 pub mod proxy;
 pub mod service;

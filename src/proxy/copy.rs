@@ -76,6 +76,21 @@ pub struct Transfer {
     pub cut_pending: bool,
 }
 
+impl Transfer {
+    /// A connection that failed before any byte moved (writing the PROXY header): the
+    /// backend's fault, as far as anyone can tell.
+    pub fn failed_before_data(kind: io::ErrorKind) -> Transfer {
+        Transfer {
+            client_to_backend: 0,
+            backend_to_client: 0,
+            first_to_finish: Some(Side::Backend),
+            first_finish_at: Some(now_ms()),
+            end: End::Reset(Side::Backend, kind),
+            cut_pending: false,
+        }
+    }
+}
+
 /// One direction's progress, shared by its pump and the connection's idle watch.
 ///
 /// Any progress, however small (a partial write, a few bytes read), moves the idle clock:
