@@ -4,7 +4,7 @@
 //! generous for a loaded 2-core box, and the behaviour asserted would take far longer (or
 //! never happen) without the fix each test guards.
 
-mod support;
+use crate::support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
