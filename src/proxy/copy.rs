@@ -17,8 +17,12 @@ use tokio::net::TcpStream;
 
 use crate::health::now_ms;
 
-/// Size of the buffer a direction borrows while it has bytes to move.
-const BUFFER_SIZE: usize = 64 * 1024;
+/// Size of the buffer a direction borrows while it has bytes to move, when splice takes
+/// over bulk: a read that fills it switches the direction to splice, and a spliced read
+/// smaller than it switches back.
+pub(crate) const SMALL_BUFFER: usize = 16 * 1024;
+/// Size of that buffer when the userspace copy is all there is (splice off or refused).
+const BULK_BUFFER: usize = 64 * 1024;
 
 /// Which leg of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +130,14 @@ impl<'a> Progress<'a> {
         to: &TcpStream,
         mut write: impl FnMut() -> io::Result<usize>,
     ) -> io::Result<usize> {
+        // Right after a read the destination is nearly always writable: try at once, and
+        // make a probe timer only when it is not (a timer per write cost more than the write).
+        match to.try_io(Interest::WRITABLE, &mut write) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
         let woken = tokio::select! {
+            biased;
             ready = to.writable() => {
                 ready?;
                 true
@@ -312,6 +323,16 @@ struct PipePool;
 #[cfg(target_os = "linux")]
 static NO_PIPE_LOG: super::LogThrottle = super::LogThrottle::new(Duration::from_secs(1));
 
+/// How a pump moves its bytes right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through a small userspace buffer: for small messages, where a read and a write (two
+    /// syscalls) beat splicing in and out of a pipe (at least three, one of them EAGAIN).
+    Buffer,
+    /// socket -> pipe -> socket with splice(2): for bulk, once a read filled the buffer.
+    Splice,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     from: &TcpStream,
@@ -322,44 +343,62 @@ async fn pump(
     on_bytes: &(dyn Fn(Side, u64) + Sync),
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
 ) -> Result<(), PumpError> {
+    let moved = |n: u64| {
+        counter.fetch_add(n, Ordering::Relaxed);
+        on_bytes(side, n);
+    };
+    // Splice pays for bulk only (HAProxy's splice-auto): a direction starts with the small
+    // buffer and switches to splice when a read fills it; splice hands back once a burst's
+    // reads come in small again. Without splice, the buffer is the bulk size.
     #[cfg(target_os = "linux")]
-    if splice_enabled() {
-        use super::splice::{SpliceEnd, splice_direction};
-        let mut moved = |n: u64| {
-            counter.fetch_add(n, Ordering::Relaxed);
-            on_bytes(side, n);
-        };
-        match splice_direction(from, to, pipes, progress, &mut moved).await {
-            SpliceEnd::Eof => return pass_fin(to),
-            SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
-            SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
-            // Refused before any byte moved: the userspace copy below takes over.
-            SpliceEnd::Unsupported => {}
-            // Out of descriptors for a pipe, with nothing in flight: the copy below needs
-            // none, so the connection keeps working (for the rest of this direction).
-            SpliceEnd::NoPipe(e) => {
-                if let Some(suppressed) = NO_PIPE_LOG.permit() {
-                    tracing::warn!(
-                        error = %e,
-                        suppressed,
-                        "no pipe for splice (out of descriptors?); copying in user space"
-                    );
-                }
-            }
-        }
-    }
+    let mut splice_allowed = splice_enabled();
+    #[cfg(not(target_os = "linux"))]
+    let splice_allowed = false;
+    let buffer_size = if splice_allowed {
+        SMALL_BUFFER
+    } else {
+        BULK_BUFFER
+    };
+    let mut mode = Mode::Buffer;
     // Taken when the source is readable and given back when it is drained, so an idle
     // connection holds no buffer. It is allocated without zeroing (the kernel writes the
-    // bytes we read, and only those are used): a 64 KiB allocation is a cheap free-list
-    // take, while zeroing it was a 64 KiB memset each time the socket drained, which in a
+    // bytes we read, and only those are used): an allocation is a cheap free-list take,
+    // while zeroing it was a memset each time the socket drained, which in a
     // request/response protocol is nearly every request.
     let mut buffer: Option<Vec<u8>> = None;
     loop {
+        #[cfg(target_os = "linux")]
+        if mode == Mode::Splice {
+            use super::splice::{SpliceEnd, splice_direction};
+            match splice_direction(from, to, pipes, progress, &mut |n| moved(n)).await {
+                SpliceEnd::Eof => return pass_fin(to),
+                SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
+                SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
+                // The burst is over (a read came in small): back to the buffer.
+                SpliceEnd::Small => {}
+                // Refused before any byte moved: copy in user space from now on.
+                SpliceEnd::Unsupported => splice_allowed = false,
+                // Out of descriptors for a pipe, with nothing in flight: the copy needs
+                // none, so the connection keeps working (copying, for the rest of this
+                // direction).
+                SpliceEnd::NoPipe(e) => {
+                    splice_allowed = false;
+                    if let Some(suppressed) = NO_PIPE_LOG.permit() {
+                        tracing::warn!(
+                            error = %e,
+                            suppressed,
+                            "no pipe for splice (out of descriptors?); copying in user space"
+                        );
+                    }
+                }
+            }
+            mode = Mode::Buffer;
+            continue;
+        }
         from.readable().await.map_err(PumpError::Read)?;
-        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(BUFFER_SIZE));
+        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
         buf.clear();
-        // Reads into the spare capacity (never 0 bytes of room, so Ok(0) is EOF).
-        match from.try_read_buf(buf) {
+        match read_some(from, buf) {
             Ok(0) => return pass_fin(to),
             Ok(n) => {
                 progress.set_holding(true);
@@ -368,15 +407,42 @@ async fn pump(
                     .await
                     .map_err(PumpError::Write)?;
                 progress.set_holding(false);
-                let n = n as u64;
-                counter.fetch_add(n, Ordering::Relaxed);
-                on_bytes(side, n);
+                moved(n as u64);
+                if n < buf.capacity() {
+                    // Drained (see `read_some`): give the buffer back so an idle connection
+                    // holds no memory.
+                    buffer = None;
+                } else if splice_allowed {
+                    buffer = None;
+                    mode = Mode::Splice;
+                }
             }
-            // Drained: give the buffer back so an idle connection holds no memory.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(PumpError::Read(e)),
         }
+    }
+}
+
+/// Reads what `from` has into `buf`'s spare capacity (never 0 bytes of room, so `Ok(0)` is
+/// EOF). A read that returns less than the room it had drained the socket: tokio is told so
+/// (as its own `poll_read` does), so the next wait for readability sleeps until new bytes
+/// arrive instead of costing a read that only returns EAGAIN. New bytes arriving after the
+/// read raise a new readiness event that this does not clear.
+fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = rustix::io::read(from, rustix::buffer::spare_capacity(&mut *buf))?;
+        got = n;
+        if n > 0 && n < room {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
     }
 }
 
@@ -463,6 +529,63 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (a.expect("connect"), b.expect("accept").0)
+    }
+
+    /// Small messages go through the buffer and never take a pipe; a bulk transfer switches
+    /// to splice (a read filled the buffer), and every byte still arrives in order.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn splice_only_for_bulk() {
+        if !splice_enabled() {
+            return; // SRVLB_SPLICE=0: nothing is spliced at all.
+        }
+        let (mut client, near) = pair().await;
+        let (far, mut reader) = pair().await;
+        let pipes = PipePool::new();
+        let counter = AtomicU64::new(0);
+        let last = AtomicU64::new(0);
+        let progress = Progress::new(&last, Duration::from_secs(60));
+        let pumped = pump(
+            &near,
+            &far,
+            &counter,
+            &progress,
+            Side::Client,
+            &|_, _| {},
+            &pipes,
+        );
+        let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let drive = async {
+            let mut got = Vec::new();
+            for i in 0..50u8 {
+                client.write_all(&[i; 10]).await.expect("write");
+                let mut msg = [0u8; 10];
+                reader.read_exact(&mut msg).await.expect("read");
+                got.extend_from_slice(&msg);
+            }
+            let small_pipes = pipes.created();
+            client.write_all(&bulk).await.expect("bulk");
+            client.shutdown().await.expect("fin");
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).await.expect("read bulk");
+            (got, small_pipes, rest)
+        };
+        let limit = Duration::from_secs(20);
+        let (end, (got, small_pipes, rest)) =
+            tokio::time::timeout(limit, async { tokio::join!(pumped, drive) })
+                .await
+                .expect("the transfer finished");
+        assert!(end.is_ok(), "the direction failed");
+        let expected: Vec<u8> = (0..50u8).flat_map(|i| [i; 10]).collect();
+        assert_eq!(got, expected, "small messages arrived changed");
+        assert!(
+            rest == bulk,
+            "bulk bytes differ ({} of {})",
+            rest.len(),
+            bulk.len()
+        );
+        assert_eq!(small_pipes, 0, "small messages took a pipe");
+        assert!(pipes.created() >= 1, "the bulk transfer was never spliced");
     }
 
     /// Out of descriptors for a pipe, a direction copies in user space instead of failing.

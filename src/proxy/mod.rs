@@ -84,8 +84,9 @@ pub async fn serve_client(
         return;
     };
     let backend = connected.backend.backend();
-    set_keepalive(&client, config.tcp_keepalive);
-    set_keepalive(&connected.stream, config.tcp_keepalive);
+    // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
+    // only means the connection is already gone; the transfer will report that.
+    let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
     let transfer = match send_proxy_header(&config, &client, peer, &connected.stream).await {
         Ok(()) => {
             let cut = tracked.cut();
@@ -120,8 +121,6 @@ fn admit(service: &Service, config: &ServiceConfig, client: &TcpStream, peer: So
         debug!(service = %service.name, client = %peer, "client denied by allow/deny");
         return false;
     }
-    // Only fails when the connection is already gone; the transfer will report that.
-    let _ = client.set_nodelay(true);
     if service.pool.snapshot().is_empty() {
         service.stats.no_backend.fetch_add(1, Ordering::Relaxed);
         reset_on_close(client);
@@ -206,17 +205,21 @@ async fn transfer(
     proxy_streams(client, &connected.stream, config.idle_timeout, cut, &count).await
 }
 
-/// Turns on TCP keepalive so that a peer that vanished (a host powered off, a NAT entry
-/// dropped) is noticed after about `(1 + KEEPALIVE_PROBES) * every` of silence instead of at
-/// the idle timeout, which is typically an hour.
-fn set_keepalive(stream: &TcpStream, every: Option<Duration>) {
+/// Sets TCP keepalive on a socket, or turns it off (`None`), so that a peer that vanished (a
+/// host powered off, a NAT entry dropped) is noticed after about
+/// `(1 + KEEPALIVE_PROBES) * every` of silence instead of at the idle timeout, which is
+/// typically an hour. Set on a listening socket, it is inherited by every accepted one (as
+/// TCP_NODELAY is), which saves four syscalls per client connection.
+pub(crate) fn set_keepalive(
+    socket: socket2::SockRef<'_>,
+    every: Option<Duration>,
+) -> io::Result<()> {
     let Some(every) = every else {
-        return;
+        return socket.set_keepalive(false);
     };
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(every)
         .with_interval(every)
         .with_retries(crate::config::KEEPALIVE_PROBES);
-    // Fails only when the connection is already gone; the transfer will report that.
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    socket.set_tcp_keepalive(&keepalive)
 }

@@ -12,7 +12,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::Progress;
+use super::copy::{Progress, SMALL_BUFFER};
 
 /// Bytes moved per splice call. A pipe holds 64 KiB by default (16 pages); asking for more
 /// than that per call gains nothing.
@@ -116,6 +116,9 @@ pub enum SpliceEnd {
     Write(io::Error),
     /// The kernel refused splice for these sockets before any byte moved: copy instead.
     Unsupported,
+    /// A read moved less than the small buffer holds (`copy::SMALL_BUFFER`): the burst is over and the messages are
+    /// small again, which the caller's buffer moves with fewer syscalls. The pipe is empty.
+    Small,
     /// No pipe could be had (out of descriptors). Pipes are taken only before a read, so
     /// nothing is in flight: the caller continues with the userspace copy, which needs no
     /// descriptor, instead of failing a healthy connection.
@@ -127,7 +130,8 @@ fn unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(22 | 38))
 }
 
-/// Moves bytes from `from` to `to` until `from` sends FIN or either side fails. `moved` is
+/// Moves bytes from `from` to `to` until `from` sends FIN, either side fails, or a read comes
+/// in small (`Small`: the burst is over). `moved` is
 /// called with each chunk's size after it reached `to`; `progress` hears of every partial
 /// move and of bytes held in the pipe.
 pub(crate) async fn splice_direction(
@@ -218,6 +222,9 @@ pub(crate) async fn splice_direction(
         pool.give(pipe);
         total += chunk;
         moved(chunk);
+        if chunk < SMALL_BUFFER as u64 {
+            return SpliceEnd::Small;
+        }
     }
 }
 
@@ -259,8 +266,16 @@ mod tests {
             got
         };
         let splice_then_fin = async {
-            let end =
-                splice_direction(&a_near, &b_near, &pool, &progress, &mut |n| counted += n).await;
+            // A small read ends a burst; the pump would copy it and come back. Here the
+            // direction is simply spliced again until the end.
+            let end = loop {
+                match splice_direction(&a_near, &b_near, &pool, &progress, &mut |n| counted += n)
+                    .await
+                {
+                    SpliceEnd::Small => continue,
+                    end => break end,
+                }
+            };
             socket2::SockRef::from(&b_near)
                 .shutdown(std::net::Shutdown::Write)
                 .expect("shutdown");
