@@ -184,7 +184,7 @@ fn metrics(state: &AdminState) -> String {
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let service_counters: [ServiceMetric; 7] = [
+    let service_counters: [ServiceMetric; 8] = [
         (
             "srvlb_service_connections_total",
             "counter",
@@ -220,6 +220,12 @@ fn metrics(state: &AdminState) -> String {
             "counter",
             "Connect attempts beyond the first.",
             |s| s.stats.retries.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_proxy_header_rejected_total",
+            "counter",
+            "Client connections closed because accept_proxy is on and no valid PROXY header came in time.",
+            |s| s.stats.proxy_header_rejected.load(Ordering::Relaxed),
         ),
         (
             "srvlb_dns_stale",

@@ -30,6 +30,8 @@ pub struct ServiceStats {
     pub connect_exhausted: AtomicU64,
     /// Connect attempts beyond the first.
     pub retries: AtomicU64,
+    /// Closed because `accept_proxy` is on and no valid PROXY header came in time.
+    pub proxy_header_rejected: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -81,6 +81,11 @@ pub struct ServiceConfig {
     pub allow: Vec<ipnet::IpNet>,
     pub deny: Vec<ipnet::IpNet>,
     pub send_proxy: Option<ProxyProtocol>,
+    /// Every connection must start with a PROXY header (v1 or v2), whose client address
+    /// then stands for the connection's: a balancer in front tells who the client is.
+    pub accept_proxy: bool,
+    /// How long a client may take to send that header.
+    pub accept_proxy_timeout: Duration,
     pub health: HealthConfig,
 }
 

@@ -124,6 +124,15 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
         Some(ProxyProtocol::V2) => "v2 (binary)",
     };
     row(out, "send PROXY", &[proxy.to_string()]);
+    let accept = if s.accept_proxy {
+        format!(
+            "required (v1 or v2), within {}; its client address stands for the connection's",
+            dur(s.accept_proxy_timeout)
+        )
+    } else {
+        "off".to_string()
+    };
+    row(out, "accept PROXY", &[accept]);
     let h = &s.health;
     row(
         out,

@@ -58,6 +58,8 @@ pub(crate) struct RawService {
     pub allow: Option<Vec<Text>>,
     pub deny: Option<Vec<Text>>,
     pub send_proxy: Option<Spanned<Scalar>>,
+    pub accept_proxy: Option<Spanned<Scalar>>,
+    pub accept_proxy_timeout: Option<Spanned<Scalar>>,
     pub health: Option<RawHealth>,
 }
 

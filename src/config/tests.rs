@@ -84,6 +84,8 @@ fn defaults_are_applied() {
         allow: vec![],
         deny: vec![],
         send_proxy: None,
+        accept_proxy: false,
+        accept_proxy_timeout: Duration::from_secs(5),
         health: HealthConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(10),
@@ -121,6 +123,8 @@ max_connections = 7
 allow = ["10.0.0.0/8", "192.0.2.7"]
 deny = ["2001:db8::/32"]
 send_proxy = "v1"
+accept_proxy = true
+accept_proxy_timeout = "750ms"
 [service.health]
 consecutive_failures = 1
 base_ejection = "1s"
@@ -162,6 +166,8 @@ max_ejected_percent = 100
     );
     assert_eq!(s.deny, vec!["2001:db8::/32".parse().unwrap()]);
     assert_eq!(s.send_proxy, Some(ProxyProtocol::V1));
+    assert!(s.accept_proxy);
+    assert_eq!(s.accept_proxy_timeout, Duration::from_millis(750));
     assert_eq!(s.health.consecutive_failures, 1);
     assert_eq!(s.health.max_ejected_percent, 100);
 }
@@ -380,6 +386,18 @@ fn tcp_keepalive_is_a_duration_or_a_switch() {
     assert!(
         err(&format!("{SERVICE}tcp_keepalive = 30\n"))
             .starts_with("t.toml:5:17: service \"pg\": tcp_keepalive: 30 has no unit;"),
+    );
+}
+
+#[test]
+fn accept_proxy_is_a_switch_with_a_timeout() {
+    assert_eq!(
+        err(&format!("{SERVICE}accept_proxy = \"yes\"\n")),
+        "t.toml:5:16: service \"pg\": accept_proxy: expected true or false, not \"yes\""
+    );
+    assert!(
+        err(&format!("{SERVICE}accept_proxy_timeout = \"0s\"\n"))
+            .starts_with("t.toml:5:24: service \"pg\": accept_proxy_timeout"),
     );
 }
 

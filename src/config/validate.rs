@@ -14,8 +14,8 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use super::error::{Problem, line_column};
 use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text};
 use super::values::{
-    addresses, check_dns_name, duration_or, integer, nameserver, networks, nonzero, ordered,
-    socket_addr, word,
+    addresses, boolean, check_dns_name, duration_or, integer, nameserver, networks, nonzero,
+    ordered, socket_addr, word,
 };
 use super::{
     Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol, ResolverConfig,
@@ -331,6 +331,19 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         )?),
         None => None,
     };
+    let accept_proxy = boolean(raw.accept_proxy.as_ref(), false, p, "accept_proxy")?;
+    let accept_proxy_timeout = duration_or(
+        raw.accept_proxy_timeout.as_ref(),
+        Duration::from_secs(5),
+        p,
+        "accept_proxy_timeout",
+    )?;
+    nonzero(
+        accept_proxy_timeout,
+        raw.accept_proxy_timeout.as_ref(),
+        p,
+        "accept_proxy_timeout",
+    )?;
     let health = health(raw.health.unwrap_or_default(), p)?;
 
     let service = ServiceConfig {
@@ -348,6 +361,8 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         allow,
         deny,
         send_proxy,
+        accept_proxy,
+        accept_proxy_timeout,
         health,
     };
     Ok(CheckedService {

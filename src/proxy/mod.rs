@@ -1,8 +1,10 @@
 //! The data path: listeners that accept clients, and the connection task that serves one.
-//! A connection goes through five stages, each a function below or a module of its own:
-//! admit (allow/deny, a pool to pick from) -> pick and connect, retrying on another backend
-//! (`connect`) -> the optional PROXY header (`proxy_protocol`) -> move bytes both ways
-//! (`copy`, `splice`) -> judge the backend by how the connection went (`health::judge`).
+//! A connection goes through its stages, each a function below or a module of its own:
+//! introduce (who the client is: its own address, or a PROXY header's with `accept_proxy`)
+//! -> admit (allow/deny, a pool to pick from) -> pick and connect, retrying on another
+//! backend (`connect`) -> the optional PROXY header (`proxy_protocol`) -> move bytes both
+//! ways (`copy`, `splice`) -> judge the backend by how the connection went
+//! (`health::judge`).
 //! It reads service state; it never changes the pool's membership.
 
 pub mod connect;
@@ -70,13 +72,16 @@ impl Drop for ServiceActive<'_> {
 /// bytes are still in flight (and then resets both sides instead of closing them cleanly).
 pub async fn serve_client(
     service: Arc<Service>,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     tracked: listener::Tracked,
 ) {
     let started = Instant::now();
     let _active = ServiceActive::new(&service);
     let config = service.config();
+    let Some((peer, local)) = introduce(&service, &config, &mut client, peer).await else {
+        return;
+    };
     if !admit(&service, &config, &client, peer) {
         return;
     }
@@ -87,7 +92,7 @@ pub async fn serve_client(
     // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
     // only means the connection is already gone; the transfer will report that.
     let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
-    let transfer = match send_proxy_header(&config, &client, peer, &connected.stream).await {
+    let transfer = match send_proxy_header(&config, &client, peer, local, &connected.stream).await {
         Ok(()) => {
             let cut = tracked.cut();
             transfer(&service, &config, &client, &connected, cut).await
@@ -111,6 +116,49 @@ pub async fn serve_client(
         reset_pending = transfer.cut_pending,
         "connection closed"
     );
+}
+
+static PROXY_HEADER_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// Stage 0: who the client is. Normally the connection's own addresses (client, and the
+/// listening address it reached); with `accept_proxy`, the ones the PROXY header of the
+/// balancer in front carries, which then count for allow/deny, the Maglev key, logs and the
+/// PROXY header srvlb sends on. `None` after a connection without a valid header in time was
+/// reset and counted.
+async fn introduce(
+    service: &Service,
+    config: &ServiceConfig,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    if !config.accept_proxy {
+        return Some((peer, None));
+    }
+    match proxy_protocol::read_header(client, config.accept_proxy_timeout).await {
+        Ok(header) => Some(match header.addresses {
+            Some((source, destination)) => (source, Some(destination)),
+            // LOCAL (the balancer's own health check) or UNKNOWN: the connection's own.
+            None => (peer, None),
+        }),
+        Err(e) => {
+            service
+                .stats
+                .proxy_header_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            reset_on_close(client);
+            if let Some(suppressed) = PROXY_HEADER_LOG.permit() {
+                info!(
+                    service = %service.name,
+                    client = %peer,
+                    error = %e,
+                    suppressed,
+                    reason = "bad_proxy_header",
+                    "connection closed"
+                );
+            }
+            None
+        }
+    }
 }
 
 /// Stage 1: the client passes allow/deny, and the service has backends to pick from. A
@@ -166,17 +214,22 @@ async fn pick_and_connect(
     None
 }
 
-/// Stage 3: the PROXY header, when the service sends one, before any client byte.
+/// Stage 3: the PROXY header, when the service sends one, before any client byte. `local`
+/// is the address the client reached as a PROXY header in front said, else srvlb's own.
 async fn send_proxy_header(
     config: &ServiceConfig,
     client: &TcpStream,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     backend: &TcpStream,
 ) -> io::Result<()> {
     let Some(version) = config.send_proxy else {
         return Ok(());
     };
-    let local = client.local_addr()?;
+    let local = match local {
+        Some(local) => local,
+        None => client.local_addr()?,
+    };
     let header = proxy_protocol::header(version, peer, local);
     copy::write_all(backend, &header).await
 }

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod accept_proxy;
 mod admin;
 mod bind_e2e;
 mod bind_harness;
