@@ -13,3 +13,4 @@ pub mod log_throttle;
 pub mod pool;
 pub mod proxy;
 pub mod service;
+pub mod source_limits;

@@ -76,6 +76,11 @@ pub struct ServiceConfig {
     /// Further backends tried after a failed connect.
     pub connect_retries: u32,
     pub max_connections: usize,
+    /// Open connections one source (an IPv4 address or an IPv6 /64) may have; `None`: no
+    /// limit.
+    pub max_connections_per_source: Option<u32>,
+    /// New connections one source may open, as a token bucket; `None`: no limit.
+    pub rate_per_source: Option<RatePerSource>,
     /// Source filter: a client in `deny` is refused; when `allow` is not empty, a client must
     /// also be in `allow`. Networks are stored with host bits clear.
     pub allow: Vec<ipnet::IpNet>,
@@ -87,6 +92,14 @@ pub struct ServiceConfig {
     /// How long a client may take to send that header.
     pub accept_proxy_timeout: Duration,
     pub health: HealthConfig,
+}
+
+/// A token bucket: `count` new connections per `per`, and up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RatePerSource {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
 }
 
 /// Unanswered keepalive probes after which the kernel declares a peer gone, so a vanished

@@ -117,6 +117,28 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
     };
     row(out, "tcp keepalive", &[keepalive]);
     row(out, "max connections", &[s.max_connections.to_string()]);
+    let per_source = match (s.max_connections_per_source, s.rate_per_source) {
+        (None, None) => "no limit".to_string(),
+        (open, rate) => {
+            let mut parts = Vec::new();
+            if let Some(open) = open {
+                parts.push(format!("{open} open"));
+            }
+            if let Some(r) = rate {
+                parts.push(format!(
+                    "{} new per {} (burst {})",
+                    r.count,
+                    dur(r.per),
+                    r.burst
+                ));
+            }
+            format!(
+                "{} per source (IPv4 address or IPv6 /64); over it, closed at once",
+                parts.join(", ")
+            )
+        }
+    };
+    row(out, "per source", &[per_source]);
     row(out, "source filter", &[source_filter(s)]);
     let proxy = match s.send_proxy {
         None => "off",

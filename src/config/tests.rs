@@ -81,6 +81,8 @@ fn defaults_are_applied() {
         tcp_keepalive: Some(Duration::from_secs(30)),
         connect_retries: 2,
         max_connections: 10_000,
+        max_connections_per_source: None,
+        rate_per_source: None,
         allow: vec![],
         deny: vec![],
         send_proxy: None,
@@ -398,6 +400,57 @@ fn accept_proxy_is_a_switch_with_a_timeout() {
     assert!(
         err(&format!("{SERVICE}accept_proxy_timeout = \"0s\"\n"))
             .starts_with("t.toml:5:24: service \"pg\": accept_proxy_timeout"),
+    );
+}
+
+#[test]
+fn per_source_limits() {
+    let c = ok(&format!(
+        "{SERVICE}max_connections_per_source = 20\nrate_per_source = \"50/s\"\n"
+    ));
+    let s = &c.services[0];
+    assert_eq!(s.max_connections_per_source, Some(20));
+    assert_eq!(
+        s.rate_per_source,
+        Some(RatePerSource {
+            count: 50,
+            per: Duration::from_secs(1),
+            burst: 50
+        })
+    );
+    let c = ok(&format!(
+        "{SERVICE}rate_per_source = \"100/10s\"\nrate_per_source_burst = 300\n"
+    ));
+    assert_eq!(
+        c.services[0].rate_per_source,
+        Some(RatePerSource {
+            count: 100,
+            per: Duration::from_secs(10),
+            burst: 300
+        })
+    );
+    assert!(
+        c.plan().contains("100 new per 10s (burst 300) per source"),
+        "{}",
+        c.plan()
+    );
+    assert!(
+        err(&format!("{SERVICE}rate_per_source = \"50\"\n"))
+            .starts_with("t.toml:5:19: service \"pg\": rate_per_source: \"50\" has no \"/\";"),
+    );
+    assert!(
+        err(&format!("{SERVICE}rate_per_source = \"0/s\"\n")).starts_with(
+            "t.toml:5:19: service \"pg\": rate_per_source: \"0\" is not a whole number"
+        ),
+    );
+    assert!(err(&format!("{SERVICE}rate_per_source = \"5/0s\"\n")).contains("the period is zero"),);
+    assert_eq!(
+        err(&format!("{SERVICE}rate_per_source_burst = 3\n")),
+        "t.toml:5:25: service \"pg\": rate_per_source_burst needs rate_per_source"
+    );
+    assert!(
+        err(&format!("{SERVICE}max_connections_per_source = 0\n"))
+            .starts_with("t.toml:5:30: service \"pg\": max_connections_per_source"),
     );
 }
 

@@ -18,8 +18,8 @@ use super::values::{
     ordered, socket_addr, word,
 };
 use super::{
-    Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol, ResolverConfig,
-    ServiceConfig,
+    Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol, RatePerSource,
+    ResolverConfig, ServiceConfig,
 };
 
 const NO_SERVICES: &str =
@@ -320,6 +320,22 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         "max_connections",
     )?;
     let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
+    let max_connections_per_source = match &raw.max_connections_per_source {
+        Some(v) => Some(integer(Some(v), 1, 1, p, "max_connections_per_source")?),
+        None => None,
+    };
+    let rate_per_source = match &raw.rate_per_source {
+        Some(v) => Some(rate(v, raw.rate_per_source_burst.as_ref(), p)?),
+        None => {
+            if let Some(burst) = &raw.rate_per_source_burst {
+                return Err(Problem::at(
+                    burst.span(),
+                    format!("{p}rate_per_source_burst needs rate_per_source"),
+                ));
+            }
+            None
+        }
+    };
     let allow = networks(raw.allow.as_deref(), p, "allow")?;
     let deny = networks(raw.deny.as_deref(), p, "deny")?;
     let send_proxy = match &raw.send_proxy {
@@ -358,6 +374,8 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         tcp_keepalive,
         connect_retries,
         max_connections,
+        max_connections_per_source,
+        rate_per_source,
         allow,
         deny,
         send_proxy,
@@ -370,6 +388,47 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         name_span,
         listen_spans,
     })
+}
+
+/// `rate_per_source = "N/s"` (or `/m`, `/h`, or `/` and a duration such as `"100/10s"`), with
+/// `rate_per_source_burst` (default N).
+fn rate(
+    value: &Spanned<Scalar>,
+    burst: Option<&Spanned<i64>>,
+    p: &str,
+) -> Result<RatePerSource, Problem> {
+    const HINT: &str = "expected a rate like \"50/s\", \"600/m\" or \"100/10s\"";
+    let bad = |why: String| Problem::at(value.span(), format!("{p}rate_per_source: {why}; {HINT}"));
+    let Scalar::Text(text) = value.get_ref() else {
+        return Err(bad(format!("{} is not a rate", value.get_ref())));
+    };
+    let Some((count, per)) = text.split_once('/') else {
+        return Err(bad(format!("{text:?} has no \"/\"")));
+    };
+    let count: u32 = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| {
+            bad(format!(
+                "{count:?} is not a whole number of connections >= 1"
+            ))
+        })?;
+    let per = match per.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => super::duration::parse_duration(other).map_err(&bad)?,
+    };
+    if per.is_zero() {
+        return Err(bad("the period is zero".to_string()));
+    }
+    let burst = match burst {
+        Some(b) => integer(Some(b), count, 1, p, "rate_per_source_burst")?,
+        None => count,
+    };
+    Ok(RatePerSource { count, per, burst })
 }
 
 /// `tcp_keepalive`: a duration (default 30s), `true` for the default, or `false` for off.

@@ -24,24 +24,31 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::config::ServiceConfig;
-use crate::health::judge;
+use crate::health::{judge, now_ms};
 use crate::pool::Backend;
 use crate::service::Service;
+use crate::source_limits::{Refusal, SourceSlot};
 use connect::{Connected, NoBackend, connect_any};
 use copy::{Side, Transfer, proxy_streams, reset_on_close};
 
 pub use crate::log_throttle::LogThrottle;
 pub use connect::{Blame, ConnectError, blame, connect};
 
-/// True when `client` may use the service: not in `deny`, and in `allow` when it is set.
-pub fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
-    let ip = match client {
+/// An IPv4 client reaching an IPv6 listener appears as `::ffff:a.b.c.d`; every rule about
+/// clients (allow/deny, the Maglev key, per-source limits, the PROXY header) means `a.b.c.d`.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
             .map(IpAddr::V4)
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
-    };
+    }
+}
+
+/// True when `client` may use the service: not in `deny`, and in `allow` when it is set.
+pub fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
+    let ip = canonical_ip(client);
     if config.deny.iter().any(|net| net.contains(&ip)) {
         return false;
     }
@@ -82,9 +89,9 @@ pub async fn serve_client(
     let Some((peer, local)) = introduce(&service, &config, &mut client, peer).await else {
         return;
     };
-    if !admit(&service, &config, &client, peer) {
+    let Some(_source_slot) = admit(&service, &config, &client, peer) else {
         return;
-    }
+    };
     let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await else {
         return;
     };
@@ -161,21 +168,52 @@ async fn introduce(
     }
 }
 
-/// Stage 1: the client passes allow/deny, and the service has backends to pick from. A
-/// client refused here is closed (denied) or reset (no backend) and counted.
-fn admit(service: &Service, config: &ServiceConfig, client: &TcpStream, peer: SocketAddr) -> bool {
+/// A client that passed admission; what it holds (its per-source slot, when per-source
+/// limits are set) is given back when this is dropped at the end of the connection.
+struct Admission(#[allow(dead_code)] Option<SourceSlot>);
+
+static SOURCE_LIMIT_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// Stage 1: the client passes allow/deny and its source's limits, and the service has
+/// backends to pick from. A client refused here is closed (denied) or reset (over a
+/// per-source limit, no backend) and counted.
+fn admit(
+    service: &Service,
+    config: &ServiceConfig,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Option<Admission> {
     if !client_allowed(config, peer.ip()) {
         service.stats.denied.fetch_add(1, Ordering::Relaxed);
         debug!(service = %service.name, client = %peer, "client denied by allow/deny");
-        return false;
+        return None;
     }
+    let sources = service.connection_limit().sources();
+    let slot = match sources.admit(config, peer.ip(), now_ms()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let (counter, reason) = match refusal {
+                Refusal::Connections => (
+                    &service.stats.source_connection_limited,
+                    "source_connection_limit",
+                ),
+                Refusal::Rate => (&service.stats.source_rate_limited, "source_rate_limit"),
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            reset_on_close(client);
+            if let Some(suppressed) = SOURCE_LIMIT_LOG.permit() {
+                info!(service = %service.name, client = %peer, reason, suppressed, "connection closed");
+            }
+            return None;
+        }
+    };
     if service.pool.snapshot().is_empty() {
         service.stats.no_backend.fetch_add(1, Ordering::Relaxed);
         reset_on_close(client);
         info!(service = %service.name, client = %peer, reason = "no_backend", "connection closed");
-        return false;
+        return None;
     }
-    true
+    Some(Admission(slot))
 }
 
 /// Stage 2: a connected backend, or `None` after the client was reset because every allowed

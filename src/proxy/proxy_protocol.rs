@@ -28,13 +28,7 @@ pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
 
 /// An IPv4 client reaching an IPv6 listener appears as ::ffff:a.b.c.d; backends want a.b.c.d.
 fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
+    SocketAddr::new(super::canonical_ip(addr.ip()), addr.port())
 }
 
 fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {

@@ -18,3 +18,4 @@ mod dns_server;
 mod e2e;
 mod faults;
 mod reload;
+mod source_limits;
