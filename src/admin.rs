@@ -402,6 +402,21 @@ fn metrics(state: &AdminState) -> String {
         );
         let _ = writeln!(out, "srvlb_splice_pipes_created_total {}", PIPES.created());
     }
+    for (name, help, value) in [
+        (
+            "srvlb_access_log_lines_total",
+            "Lines written to the access log.",
+            &crate::access_log::WRITTEN,
+        ),
+        (
+            "srvlb_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up.",
+            &crate::access_log::DROPPED,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+    }
     family(
         &mut out,
         "srvlb_reloads_total",

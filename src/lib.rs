@@ -3,6 +3,7 @@
 //! The library holds every piece of the balancer so that tests, benchmarks and the demo
 //! drive the same code as the `srvlb` binary. See DESIGN.md for the module map.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;

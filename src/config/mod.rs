@@ -37,6 +37,9 @@ pub struct GlobalConfig {
     pub log_format: LogFormat,
     /// How long `SIGTERM` waits for connections to finish before closing them.
     pub shutdown_grace: Duration,
+    /// File that gets one line per client connection; `None`: no access log.
+    pub access_log: Option<PathBuf>,
+    pub access_log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,6 +39,17 @@ pub(crate) fn render(config: &Config) -> String {
         "shutdown grace",
         &[dur(config.global.shutdown_grace)],
     );
+    let access_log = match &config.global.access_log {
+        None => "off".to_string(),
+        Some(path) => {
+            let format = match config.global.access_log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            };
+            format!("{} ({format}, reopened on SIGUSR1)", path.display())
+        }
+    };
+    row(&mut out, "access log", &[access_log]);
 
     let resolver = &config.resolver;
     line(&mut out, "\nresolver");

@@ -28,6 +28,8 @@ pub(crate) struct RawGlobal {
     pub admin: Option<Text>,
     pub log_format: Option<Spanned<Scalar>>,
     pub shutdown_grace: Option<Spanned<Scalar>>,
+    pub access_log: Option<Text>,
+    pub access_log_format: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -57,6 +57,8 @@ fn defaults_are_applied() {
             admin: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
+            access_log: None,
+            access_log_format: LogFormat::Text,
         }
     );
     assert_eq!(
@@ -105,6 +107,8 @@ fn every_key_is_read() {
 admin = "[::1]:9901"
 log_format = "json"
 shutdown_grace = "0s"
+access_log = "/var/log/srvlb/access.log"
+access_log_format = "json"
 [resolver]
 nameservers = ["10.0.0.53", "127.0.0.1:8600", "[::1]:5353", "::2", "[::3]"]
 timeout = "500ms"
@@ -136,6 +140,11 @@ max_ejected_percent = 100
     assert_eq!(config.global.admin, Some(addr("[::1]:9901")));
     assert_eq!(config.global.log_format, LogFormat::Json);
     assert_eq!(config.global.shutdown_grace, Duration::ZERO);
+    assert_eq!(
+        config.global.access_log.as_deref(),
+        Some(Path::new("/var/log/srvlb/access.log"))
+    );
+    assert_eq!(config.global.access_log_format, LogFormat::Json);
     let ns: Vec<SocketAddr> = [
         "10.0.0.53:53",
         "127.0.0.1:8600",

@@ -136,10 +136,31 @@ fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Proble
         "",
         "global.shutdown_grace",
     )?;
+    let access_log = match &raw.access_log {
+        Some(text) if text.get_ref().is_empty() => {
+            return Err(Problem::at(
+                text.span(),
+                "global.access_log: empty path; leave the key out for no access log",
+            ));
+        }
+        Some(text) => Some(PathBuf::from(text.get_ref())),
+        None => None,
+    };
+    let access_log_format = match &raw.access_log_format {
+        Some(value) => word(
+            value,
+            "",
+            "global.access_log_format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?,
+        None => LogFormat::Text,
+    };
     let config = GlobalConfig {
         admin,
         log_format,
         shutdown_grace,
+        access_log,
+        access_log_format,
     };
     Ok((config, raw.admin.map(|a| a.span())))
 }

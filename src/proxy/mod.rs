@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
+use crate::access_log;
 use crate::config::ServiceConfig;
 use crate::health::{judge, now_ms};
 use crate::pool::Backend;
@@ -86,10 +87,10 @@ pub async fn serve_client(
     let started = Instant::now();
     let _active = ServiceActive::new(&service);
     let config = service.config();
-    let Some((peer, local)) = introduce(&service, &config, &mut client, peer).await else {
+    let Some((peer, local)) = introduce(&service, &config, &mut client, peer, started).await else {
         return;
     };
-    let Some(_source_slot) = admit(&service, &config, &client, peer) else {
+    let Some(_source_slot) = admit(&service, &config, &client, peer, started) else {
         return;
     };
     let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await else {
@@ -110,6 +111,16 @@ pub async fn serve_client(
         }
     };
     judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
+    let reason = transfer.end.label();
+    access(
+        &service,
+        peer,
+        Some(backend),
+        connected.attempts,
+        (transfer.client_to_backend, transfer.backend_to_client),
+        started,
+        &reason,
+    );
     info!(
         service = %service.name,
         client = %peer,
@@ -119,7 +130,7 @@ pub async fn serve_client(
         bytes_in = transfer.client_to_backend,
         bytes_out = transfer.backend_to_client,
         duration_ms = started.elapsed().as_millis() as u64,
-        reason = %transfer.end.label(),
+        reason = %reason,
         reset_pending = transfer.cut_pending,
         "connection closed"
     );
@@ -137,6 +148,7 @@ async fn introduce(
     config: &ServiceConfig,
     client: &mut TcpStream,
     peer: SocketAddr,
+    started: Instant,
 ) -> Option<(SocketAddr, Option<SocketAddr>)> {
     if !config.accept_proxy {
         return Some((peer, None));
@@ -153,6 +165,7 @@ async fn introduce(
                 .proxy_header_rejected
                 .fetch_add(1, Ordering::Relaxed);
             reset_on_close(client);
+            access(service, peer, None, 0, (0, 0), started, "bad_proxy_header");
             if let Some(suppressed) = PROXY_HEADER_LOG.permit() {
                 info!(
                     service = %service.name,
@@ -182,9 +195,11 @@ fn admit(
     config: &ServiceConfig,
     client: &TcpStream,
     peer: SocketAddr,
+    started: Instant,
 ) -> Option<Admission> {
     if !client_allowed(config, peer.ip()) {
         service.stats.denied.fetch_add(1, Ordering::Relaxed);
+        access(service, peer, None, 0, (0, 0), started, "denied");
         debug!(service = %service.name, client = %peer, "client denied by allow/deny");
         return None;
     }
@@ -201,6 +216,7 @@ fn admit(
             };
             counter.fetch_add(1, Ordering::Relaxed);
             reset_on_close(client);
+            access(service, peer, None, 0, (0, 0), started, reason);
             if let Some(suppressed) = SOURCE_LIMIT_LOG.permit() {
                 info!(service = %service.name, client = %peer, reason, suppressed, "connection closed");
             }
@@ -210,6 +226,7 @@ fn admit(
     if service.pool.snapshot().is_empty() {
         service.stats.no_backend.fetch_add(1, Ordering::Relaxed);
         reset_on_close(client);
+        access(service, peer, None, 0, (0, 0), started, "no_backend");
         info!(service = %service.name, client = %peer, reason = "no_backend", "connection closed");
         return None;
     }
@@ -242,6 +259,7 @@ async fn pick_and_connect(
         NoBackend::Local => "local_resources",
     };
     reset_on_close(client);
+    access(service, peer, None, 0, (0, 0), started, reason);
     info!(
         service = %service.name,
         client = %peer,
@@ -250,6 +268,32 @@ async fn pick_and_connect(
         "connection closed"
     );
     None
+}
+
+/// Hands the connection's line to the access log, when one is configured.
+fn access(
+    service: &Service,
+    client: SocketAddr,
+    backend: Option<&Backend>,
+    attempts: u32,
+    (bytes_in, bytes_out): (u64, u64),
+    started: Instant,
+    reason: &str,
+) {
+    if !access_log::enabled() {
+        return;
+    }
+    access_log::record(access_log::AccessRecord {
+        at: std::time::SystemTime::now(),
+        service: Arc::from(service.name.as_str()),
+        client,
+        backend: backend.map(|b| (b.addr(), Arc::clone(&b.key.target))),
+        attempts,
+        bytes_in,
+        bytes_out,
+        duration_ms: started.elapsed().as_millis() as u64,
+        reason: reason.to_owned(),
+    });
 }
 
 /// Stage 3: the PROXY header, when the service sends one, before any client byte. `local`

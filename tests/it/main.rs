@@ -9,6 +9,7 @@
 mod support;
 
 mod accept_proxy;
+mod access_log;
 mod admin;
 mod bind_e2e;
 mod bind_harness;
