@@ -1,7 +1,11 @@
 //! srvlb: a Layer-4 TCP load balancer whose backends come from DNS SRV records.
 //!
 //! The library holds every piece of the balancer so that tests, benchmarks and the demo
-//! drive the same code as the `srvlb` binary. See DESIGN.md for the module map.
+//! drive the same code as the `srvlb` binary. ARCHITECTURE.md (at the repository root) has
+//! the module map, the path of one connection, and the invariants the hot path keeps.
+
+// splice, pipes and socket options go through rustix and socket2; nothing here needs unsafe.
+#![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;

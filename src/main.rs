@@ -2,6 +2,8 @@
 //! validates one like `nginx -t` and prints the plan. Exit codes: 0 ok, 1 invalid
 //! configuration, 2 runtime failure (a listener that cannot be bound, ...).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -12,7 +12,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::error::{Problem, line_column};
-use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text};
+use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text, TextList};
 use super::values::{
     addresses, boolean, check_dns_name, duration_or, integer, nameserver, networks, nonzero,
     ordered, socket_addr, word,
@@ -233,61 +233,24 @@ struct CheckedService {
     listen_spans: Vec<Range<usize>>,
 }
 
-/// Validates one service on its own.
-fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<CheckedService, Problem> {
-    let (name, name_span) = service_name(raw.name, header.clone(), index)?;
+/// Validates one service on its own: its identity and listeners, its discovery source, then
+/// each group of settings in turn.
+fn service(
+    mut raw: RawService,
+    header: Range<usize>,
+    index: usize,
+) -> Result<CheckedService, Problem> {
+    let (name, name_span) = service_name(raw.name.take(), header.clone(), index)?;
     let p = format!("service {name:?}: ");
     let p = p.as_str();
-
     let listen_spans: Vec<Range<usize>> = raw
         .listen
         .iter()
         .flat_map(|list| list.get_ref().iter().map(|text| text.span()))
         .collect();
-    let listen = match &raw.listen {
-        None => {
-            return Err(Problem::at(
-                header,
-                format!(r#"{p}listen is required, e.g. listen = ["127.0.0.1:5432"]"#),
-            ));
-        }
-        Some(list) if list.get_ref().is_empty() => {
-            return Err(Problem::at(
-                list.span(),
-                format!("{p}listen must not be empty"),
-            ));
-        }
-        Some(list) => addresses(list, p, "listen address")?,
-    };
-
-    let srv = match raw.srv {
-        Some(text) => {
-            if let Err(reason) = check_dns_name(text.get_ref()) {
-                return Err(Problem::at(
-                    text.span(),
-                    format!(
-                        "{p}srv {:?} is not a valid DNS name: {reason}",
-                        text.get_ref()
-                    ),
-                ));
-            }
-            Some(text.into_inner())
-        }
-        None => None,
-    };
-    let static_backends = match &raw.static_backends {
-        Some(list) => addresses(list, p, "static backend")?,
-        None => Vec::new(),
-    };
-    if srv.is_none() && static_backends.is_empty() {
-        let span = raw.static_backends.as_ref().map_or(header, |s| s.span());
-        return Err(Problem::at(
-            span,
-            format!(
-                r#"{p}no discovery source: set srv = "_name._tcp.example.com", static = ["10.0.0.5:5432"], or both"#
-            ),
-        ));
-    }
+    let listen = listen(raw.listen.as_ref(), header.clone(), p)?;
+    let (srv, static_backends) =
+        discovery_source(raw.srv.take(), raw.static_backends.as_ref(), header, p)?;
 
     let balance = match &raw.balance {
         Some(v) => word(
@@ -310,26 +273,9 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         )?,
         None => HashKey::ClientIp,
     };
-    let connect_timeout = duration_or(
-        raw.connect_timeout.as_ref(),
-        Duration::from_secs(2),
-        p,
-        "connect_timeout",
-    )?;
-    nonzero(
-        connect_timeout,
-        raw.connect_timeout.as_ref(),
-        p,
-        "connect_timeout",
-    )?;
-    let idle_timeout = duration_or(
-        raw.idle_timeout.as_ref(),
-        Duration::from_secs(3600),
-        p,
-        "idle_timeout",
-    )?;
+    let connect_timeout = positive_duration(raw.connect_timeout.as_ref(), 2, p, "connect_timeout")?;
     // Zero would close every connection at once; there is no "disabled" meaning to give it.
-    nonzero(idle_timeout, raw.idle_timeout.as_ref(), p, "idle_timeout")?;
+    let idle_timeout = positive_duration(raw.idle_timeout.as_ref(), 3600, p, "idle_timeout")?;
     let tcp_keepalive = keepalive(raw.tcp_keepalive.as_ref(), p)?;
     let connect_retries = integer(raw.connect_retries.as_ref(), 2, 0, p, "connect_retries")?;
     // u32 bounds the limit to what the connection semaphore can hold.
@@ -341,22 +287,7 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         "max_connections",
     )?;
     let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
-    let max_connections_per_source = match &raw.max_connections_per_source {
-        Some(v) => Some(integer(Some(v), 1, 1, p, "max_connections_per_source")?),
-        None => None,
-    };
-    let rate_per_source = match &raw.rate_per_source {
-        Some(v) => Some(rate(v, raw.rate_per_source_burst.as_ref(), p)?),
-        None => {
-            if let Some(burst) = &raw.rate_per_source_burst {
-                return Err(Problem::at(
-                    burst.span(),
-                    format!("{p}rate_per_source_burst needs rate_per_source"),
-                ));
-            }
-            None
-        }
-    };
+    let (max_connections_per_source, rate_per_source) = per_source(&raw, p)?;
     let allow = networks(raw.allow.as_deref(), p, "allow")?;
     let deny = networks(raw.deny.as_deref(), p, "deny")?;
     let send_proxy = match &raw.send_proxy {
@@ -369,19 +300,13 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         None => None,
     };
     let accept_proxy = boolean(raw.accept_proxy.as_ref(), false, p, "accept_proxy")?;
-    let accept_proxy_timeout = duration_or(
+    let accept_proxy_timeout = positive_duration(
         raw.accept_proxy_timeout.as_ref(),
-        Duration::from_secs(5),
+        5,
         p,
         "accept_proxy_timeout",
     )?;
-    nonzero(
-        accept_proxy_timeout,
-        raw.accept_proxy_timeout.as_ref(),
-        p,
-        "accept_proxy_timeout",
-    )?;
-    let health = health(raw.health.unwrap_or_default(), p)?;
+    let health = health(raw.health.take().unwrap_or_default(), p)?;
 
     let service = ServiceConfig {
         name,
@@ -409,6 +334,94 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         name_span,
         listen_spans,
     })
+}
+
+/// A duration key that must be greater than zero, defaulting to `default_secs`.
+fn positive_duration(
+    value: Option<&Spanned<Scalar>>,
+    default_secs: u64,
+    p: &str,
+    key: &str,
+) -> Result<Duration, Problem> {
+    let duration = duration_or(value, Duration::from_secs(default_secs), p, key)?;
+    nonzero(duration, value, p, key)?;
+    Ok(duration)
+}
+
+/// `listen`: required, not empty, every entry an address.
+fn listen(
+    raw: Option<&TextList>,
+    header: Range<usize>,
+    p: &str,
+) -> Result<Vec<SocketAddr>, Problem> {
+    match raw {
+        None => Err(Problem::at(
+            header,
+            format!(r#"{p}listen is required, e.g. listen = ["127.0.0.1:5432"]"#),
+        )),
+        Some(list) if list.get_ref().is_empty() => Err(Problem::at(
+            list.span(),
+            format!("{p}listen must not be empty"),
+        )),
+        Some(list) => addresses(list, p, "listen address"),
+    }
+}
+
+/// `srv` and `static`: at least one, `srv` a DNS name, `static` addresses.
+fn discovery_source(
+    srv: Option<Text>,
+    statics: Option<&TextList>,
+    header: Range<usize>,
+    p: &str,
+) -> Result<(Option<String>, Vec<SocketAddr>), Problem> {
+    let srv = match srv {
+        Some(text) => {
+            if let Err(reason) = check_dns_name(text.get_ref()) {
+                return Err(Problem::at(
+                    text.span(),
+                    format!(
+                        "{p}srv {:?} is not a valid DNS name: {reason}",
+                        text.get_ref()
+                    ),
+                ));
+            }
+            Some(text.into_inner())
+        }
+        None => None,
+    };
+    let static_backends = match statics {
+        Some(list) => addresses(list, p, "static backend")?,
+        None => Vec::new(),
+    };
+    if srv.is_none() && static_backends.is_empty() {
+        let span = statics.map_or(header, |s| s.span());
+        return Err(Problem::at(
+            span,
+            format!(
+                r#"{p}no discovery source: set srv = "_name._tcp.example.com", static = ["10.0.0.5:5432"], or both"#
+            ),
+        ));
+    }
+    Ok((srv, static_backends))
+}
+
+/// `max_connections_per_source`, `rate_per_source` and its `rate_per_source_burst`.
+fn per_source(raw: &RawService, p: &str) -> Result<(Option<u32>, Option<RatePerSource>), Problem> {
+    let max_open = match &raw.max_connections_per_source {
+        Some(v) => Some(integer(Some(v), 1, 1, p, "max_connections_per_source")?),
+        None => None,
+    };
+    let rate = match (&raw.rate_per_source, &raw.rate_per_source_burst) {
+        (Some(v), burst) => Some(rate(v, burst.as_ref(), p)?),
+        (None, Some(burst)) => {
+            return Err(Problem::at(
+                burst.span(),
+                format!("{p}rate_per_source_burst needs rate_per_source"),
+            ));
+        }
+        (None, None) => None,
+    };
+    Ok((max_open, rate))
 }
 
 /// `rate_per_source = "N/s"` (or `/m`, `/h`, or `/` and a duration such as `"100/10s"`), with
