@@ -9,12 +9,14 @@ use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use tracing::{error, info, warn};
+use parking_lot::Mutex;
+use tracing::{error, info};
 
 use crate::config::LogFormat;
 
@@ -40,22 +42,19 @@ pub struct AccessRecord {
     pub reason: String,
 }
 
-enum Message {
-    Record(Box<AccessRecord>),
-    /// Reopen the file (SIGUSR1, or a reload that changed path or format).
-    Reopen {
-        path: PathBuf,
-        format: LogFormat,
-    },
-}
-
 /// The running access log: the channel to its writer thread.
 #[derive(Debug)]
 struct Sink {
-    sender: SyncSender<Message>,
+    sender: SyncSender<Box<AccessRecord>>,
 }
 
 static SINK: ArcSwapOption<Sink> = ArcSwapOption::const_empty();
+/// Where the writer should write, and how; read by the writer when `REOPEN` is set.
+static TARGET: Mutex<Option<(PathBuf, LogFormat)>> = Mutex::new(None);
+/// Set by SIGUSR1 and by a reload that changed path or format; the writer reopens within
+/// `FLUSH_EVERY`. A flag, not a message, so a full queue can never lose a reopen.
+static REOPEN: AtomicBool = AtomicBool::new(false);
+static WRITER: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
 /// Records dropped because the writer's queue was full.
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Records written.
@@ -81,11 +80,10 @@ pub fn record(record: AccessRecord) {
     let Some(sink) = sink.as_ref() else {
         return;
     };
-    match sink.sender.try_send(Message::Record(Box::new(record))) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
-        }
+    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+        sink.sender.try_send(Box::new(record))
+    {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -94,21 +92,14 @@ pub fn record(record: AccessRecord) {
 /// path or format, or stops it when `path` is `None`.
 pub fn configure(path: Option<&Path>, format: LogFormat) -> Result<(), AccessLogError> {
     let Some(path) = path else {
-        // Dropping the sender ends the writer once it has written what it holds.
-        SINK.store(None);
+        finish();
         return Ok(());
     };
     let file = open(path)?;
-    if let Some(sink) = SINK.load().as_ref() {
+    *TARGET.lock() = Some((path.to_owned(), format));
+    if SINK.load().is_some() {
         drop(file);
-        let reopen = Message::Reopen {
-            path: path.to_owned(),
-            format,
-        };
-        // A full queue delays the switch to the next SIGUSR1 or reload; say so.
-        if sink.sender.try_send(reopen).is_err() {
-            warn!(path = %path.display(), "access log queue full; the new path applies on the next reopen");
-        }
+        REOPEN.store(true, Ordering::Release);
         return Ok(());
     }
     let (sender, receiver) = sync_channel(QUEUE);
@@ -117,27 +108,28 @@ pub fn configure(path: Option<&Path>, format: LogFormat) -> Result<(), AccessLog
         format,
         out: BufWriter::new(file),
     };
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("srvlb-access-log".to_owned())
         .spawn(move || writer.run(receiver))
         .map_err(AccessLogError::Thread)?;
+    *WRITER.lock() = Some(handle);
     SINK.store(Some(Arc::new(Sink { sender })));
     Ok(())
 }
 
 /// Reopens the file at its path (SIGUSR1: logrotate moved the old one away).
 pub fn reopen() {
-    let sink = SINK.load();
-    let Some(sink) = sink.as_ref() else {
-        return;
-    };
-    // The writer knows its path and format; an empty path means "the same one".
-    let message = Message::Reopen {
-        path: PathBuf::new(),
-        format: LogFormat::Text,
-    };
-    if sink.sender.try_send(message).is_err() {
-        warn!("access log queue full; reopen skipped, send SIGUSR1 again");
+    REOPEN.store(true, Ordering::Release);
+}
+
+/// Stops the writer after it has written and flushed everything queued: at exit, so the
+/// lines of the connections just closed are not lost, and when a reload turns the log off.
+pub fn finish() {
+    SINK.store(None);
+    let writer = WRITER.lock().take();
+    if let Some(writer) = writer {
+        // Err only if the writer panicked; nothing is left to flush then.
+        let _ = writer.join();
     }
 }
 
@@ -162,50 +154,43 @@ impl Writer {
     /// Takes what is queued, writes it, and flushes whenever the queue runs dry: a quiet log
     /// is never behind by more than the record in hand, a busy one is written in large
     /// blocks.
-    fn run(mut self, receiver: Receiver<Message>) {
+    fn run(mut self, receiver: Receiver<Box<AccessRecord>>) {
         let mut line = String::with_capacity(256);
         loop {
             match receiver.recv_timeout(FLUSH_EVERY) {
-                Ok(message) => self.handle(message, &mut line),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Ok(record) => self.write(&record, &mut line),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     let _ = self.out.flush();
                     return;
                 }
             }
-            while let Ok(message) = receiver.try_recv() {
-                self.handle(message, &mut line);
+            while let Ok(record) = receiver.try_recv() {
+                self.write(&record, &mut line);
             }
             if let Err(e) = self.out.flush() {
                 error!(path = %self.path.display(), error = %e, "access log write failed");
             }
-        }
-    }
-
-    fn handle(&mut self, message: Message, line: &mut String) {
-        match message {
-            Message::Record(record) => {
-                line.clear();
-                format_record(&record, self.format, line);
-                match self.out.write_all(line.as_bytes()) {
-                    Ok(()) => {
-                        WRITTEN.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        error!(path = %self.path.display(), error = %e, "access log write failed")
-                    }
-                }
+            if REOPEN.swap(false, Ordering::AcqRel) {
+                self.reopen();
             }
-            Message::Reopen { path, format } => self.reopen(path, format),
         }
     }
 
-    fn reopen(&mut self, path: PathBuf, format: LogFormat) {
-        let _ = self.out.flush();
-        let (path, format) = if path.as_os_str().is_empty() {
-            (self.path.clone(), self.format)
-        } else {
-            (path, format)
+    fn write(&mut self, record: &AccessRecord, line: &mut String) {
+        line.clear();
+        format_record(record, self.format, line);
+        match self.out.write_all(line.as_bytes()) {
+            Ok(()) => {
+                WRITTEN.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => error!(path = %self.path.display(), error = %e, "access log write failed"),
+        }
+    }
+
+    fn reopen(&mut self) {
+        let Some((path, format)) = TARGET.lock().clone() else {
+            return;
         };
         match open(&path) {
             Ok(file) => {

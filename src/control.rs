@@ -126,7 +126,12 @@ impl Server {
                 if self.listeners.contains_key(addr) || fresh.contains_key(addr) {
                     continue;
                 }
-                let bound = Bound::bind(*addr).map_err(|source| ControlError::Bind {
+                let bind = |addr: SocketAddr| {
+                    let bound = Bound::bind(addr)?;
+                    bound.set_keepalive(service.tcp_keepalive)?;
+                    Ok(bound)
+                };
+                let bound = bind(*addr).map_err(|source| ControlError::Bind {
                     addr: *addr,
                     service: service.name.clone(),
                     source,
@@ -146,11 +151,14 @@ impl Server {
         // restarting discovery for them would throw away every pool's state.
         let resolver_changed = next.resolver.nameservers != self.config.resolver.nameservers
             || next.resolver.timeout != self.config.resolver.timeout;
-        if resolver_changed {
-            self.resolver = Arc::new(build_resolver(&next.resolver)?);
-        }
+        let new_resolver = if resolver_changed {
+            Some(Arc::new(build_resolver(&next.resolver)?))
+        } else {
+            None
+        };
         // The last fallible step: a new access log path that cannot be opened refuses the
-        // reload; once it is open, nothing below can fail.
+        // reload; once it is open, nothing below can fail, so the new resolver is kept only
+        // from here on.
         if next.global.access_log != self.config.global.access_log
             || next.global.access_log_format != self.config.global.access_log_format
         {
@@ -158,6 +166,9 @@ impl Server {
                 next.global.access_log.as_deref(),
                 next.global.access_log_format,
             )?;
+        }
+        if let Some(resolver) = new_resolver {
+            self.resolver = resolver;
         }
 
         // 2. Services: keep those whose discovery is unchanged (pool state survives); the

@@ -127,7 +127,10 @@ fn run(path: PathBuf, config: Config) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(srvlb::control::run(path, config)) {
+    let outcome = runtime.block_on(srvlb::control::run(path, config));
+    // The lines of the connections closed last are still queued: write them out.
+    srvlb::access_log::finish();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "srvlb failed");

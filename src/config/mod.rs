@@ -94,6 +94,8 @@ pub struct ServiceConfig {
     pub accept_proxy: bool,
     /// How long a client may take to send that header.
     pub accept_proxy_timeout: Duration,
+    /// Peers trusted to send that header (the balancers in front); empty: any peer.
+    pub accept_proxy_from: Vec<ipnet::IpNet>,
     pub health: HealthConfig,
 }
 

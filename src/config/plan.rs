@@ -158,8 +158,15 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
     };
     row(out, "send PROXY", &[proxy.to_string()]);
     let accept = if s.accept_proxy {
+        let from = if s.accept_proxy_from.is_empty() {
+            "from any peer (WARNING: any client can claim any address; set accept_proxy_from)"
+                .to_string()
+        } else {
+            let nets: Vec<String> = s.accept_proxy_from.iter().map(|n| n.to_string()).collect();
+            format!("only from {}", nets.join(", "))
+        };
         format!(
-            "required (v1 or v2), within {}; its client address stands for the connection's",
+            "required (v1 or v2), within {}, {from}; its client address stands for the connection's",
             dur(s.accept_proxy_timeout)
         )
     } else {

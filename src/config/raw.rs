@@ -65,6 +65,7 @@ pub(crate) struct RawService {
     pub send_proxy: Option<Spanned<Scalar>>,
     pub accept_proxy: Option<Spanned<Scalar>>,
     pub accept_proxy_timeout: Option<Spanned<Scalar>>,
+    pub accept_proxy_from: Option<Vec<Text>>,
     pub health: Option<RawHealth>,
 }
 

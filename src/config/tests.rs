@@ -90,6 +90,7 @@ fn defaults_are_applied() {
         send_proxy: None,
         accept_proxy: false,
         accept_proxy_timeout: Duration::from_secs(5),
+        accept_proxy_from: vec![],
         health: HealthConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(10),

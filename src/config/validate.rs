@@ -306,6 +306,7 @@ fn service(
         p,
         "accept_proxy_timeout",
     )?;
+    let accept_proxy_from = networks(raw.accept_proxy_from.as_deref(), p, "accept_proxy_from")?;
     let health = health(raw.health.take().unwrap_or_default(), p)?;
 
     let service = ServiceConfig {
@@ -327,6 +328,7 @@ fn service(
         send_proxy,
         accept_proxy,
         accept_proxy_timeout,
+        accept_proxy_from,
         health,
     };
     Ok(CheckedService {

@@ -95,6 +95,9 @@ impl Transfer {
     }
 }
 
+/// How long a connection must have moved nothing for a shutdown cut to close it cleanly.
+const AT_REST_MS: u64 = 1_000;
+
 /// One direction's progress, shared by its pump and the connection's idle watch.
 ///
 /// Any progress, however small (a partial write, a few bytes read), moves the idle clock:
@@ -254,11 +257,21 @@ pub async fn proxy_streams(
             break End::Closed;
         }
     };
-    let cut_pending = matches!(end, End::IdleTimeout | End::Shutdown)
-        && (up_progress.is_holding()
-            || down_progress.is_holding()
-            || unread(client)
-            || unread(backend));
+    let pending =
+        up_progress.is_holding() || down_progress.is_holding() || unread(client) || unread(backend);
+    // A shutdown cut also resets a stream that is merely caught up: a direction still open
+    // that moved bytes within the last second is mid-transfer (a backend streaming rows a
+    // little slower than the client reads them), and a FIN would pass it off as complete.
+    // Only a connection at rest that long gets a clean close.
+    let in_flight = || {
+        let open = !(c2b_done && b2c_done);
+        open && now_ms().saturating_sub(last_activity.load(Ordering::Relaxed)) < AT_REST_MS
+    };
+    let cut_pending = match end {
+        End::IdleTimeout => pending,
+        End::Shutdown => pending || in_flight(),
+        _ => false,
+    };
     if matches!(end, End::Reset(..)) || cut_pending {
         reset_on_close(client);
         reset_on_close(backend);
@@ -354,11 +367,6 @@ async fn pump(
     let mut splice_allowed = splice_enabled();
     #[cfg(not(target_os = "linux"))]
     let splice_allowed = false;
-    let buffer_size = if splice_allowed {
-        SMALL_BUFFER
-    } else {
-        BULK_BUFFER
-    };
     let mut mode = Mode::Buffer;
     // Taken when the source is readable and given back when it is drained, so an idle
     // connection holds no buffer. It is allocated without zeroing (the kernel writes the
@@ -396,6 +404,13 @@ async fn pump(
             continue;
         }
         from.readable().await.map_err(PumpError::Read)?;
+        // Small while splice may take over bulk; the bulk size once the copy is all there is
+        // (splice off, refused, or out of pipes).
+        let buffer_size = if splice_allowed {
+            SMALL_BUFFER
+        } else {
+            BULK_BUFFER
+        };
         let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
         buf.clear();
         match read_some(from, buf) {

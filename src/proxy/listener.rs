@@ -158,6 +158,15 @@ impl Bound {
     }
 }
 
+impl Bound {
+    /// Sets the keepalive that accepted sockets inherit, before the listener starts: the
+    /// kernel completes handshakes from the backlog while a new service waits for its first
+    /// DNS answer, and those sockets copy the listener's options at that moment.
+    pub fn set_keepalive(&self, every: Option<Duration>) -> io::Result<()> {
+        set_keepalive((&self.listener).into(), every)
+    }
+}
+
 impl Listener {
     /// Starts accepting on a bound socket. Must run inside the tokio runtime.
     pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {

@@ -153,7 +153,17 @@ async fn introduce(
     if !config.accept_proxy {
         return Some((peer, None));
     }
-    match proxy_protocol::read_header(client, config.accept_proxy_timeout).await {
+    let trusted = config.accept_proxy_from.is_empty()
+        || config
+            .accept_proxy_from
+            .iter()
+            .any(|net| net.contains(&canonical_ip(peer.ip())));
+    let header = if trusted {
+        proxy_protocol::read_header(client, config.accept_proxy_timeout).await
+    } else {
+        Err(proxy_protocol::ReadHeaderError::Untrusted)
+    };
+    match header {
         Ok(header) => Some(match header.addresses {
             Some((source, destination)) => (source, Some(destination)),
             // LOCAL (the balancer's own health check) or UNKNOWN: the connection's own.

@@ -293,6 +293,8 @@ pub enum ReadHeaderError {
     Closed,
     #[error("reading the PROXY header: {0}")]
     Io(#[from] io::Error),
+    #[error("peer is not in accept_proxy_from: not trusted to send a PROXY header")]
+    Untrusted,
 }
 
 /// Reads the PROXY header that must start `stream`, within `timeout`, and consumes exactly

@@ -12,7 +12,13 @@ use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{Progress, SMALL_BUFFER};
+use super::copy::Progress;
+
+/// A spliced read smaller than this ends a burst (see [`SpliceEnd::Small`]). Lower than the
+/// 16 KiB that switches a direction to splice: a splice read is bounded by the pipe's 16
+/// slots, one per packet, so with small segments (MSS 1024 or less) a bulk read can stay
+/// under 16 KiB, and without this gap the direction would bounce between the two modes.
+const SPLICE_SMALL: usize = 4 * 1024;
 
 /// Bytes moved per splice call. A pipe holds 64 KiB by default (16 pages); asking for more
 /// than that per call gains nothing.
@@ -116,7 +122,7 @@ pub enum SpliceEnd {
     Write(io::Error),
     /// The kernel refused splice for these sockets before any byte moved: copy instead.
     Unsupported,
-    /// A read moved less than the small buffer holds (`copy::SMALL_BUFFER`): the burst is over and the messages are
+    /// A read moved less than `SPLICE_SMALL` bytes: the burst is over and the messages are
     /// small again, which the caller's buffer moves with fewer syscalls. The pipe is empty.
     Small,
     /// No pipe could be had (out of descriptors). Pipes are taken only before a read, so
@@ -222,7 +228,7 @@ pub(crate) async fn splice_direction(
         pool.give(pipe);
         total += chunk;
         moved(chunk);
-        if chunk < SMALL_BUFFER as u64 {
+        if chunk < SPLICE_SMALL as u64 {
             return SpliceEnd::Small;
         }
     }

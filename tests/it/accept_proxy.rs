@@ -113,7 +113,8 @@ fn behind_haproxy_the_announced_client_is_the_client() {
     let backend = proxy_echo_backend();
     let lb = Lb::start(
         &[backend],
-        "accept_proxy = true\nsend_proxy = \"v1\"\nallow = [\"127.0.0.7\"]",
+        "accept_proxy = true\naccept_proxy_from = [\"127.0.0.1\"]\nsend_proxy = \"v1\"\n\
+         allow = [\"127.0.0.7\"]",
         "",
     );
     let Some(haproxy) = Haproxy::start(lb.listen) else {
@@ -145,6 +146,30 @@ fn behind_haproxy_the_announced_client_is_the_client() {
     assert!(
         lb.service_metric("srvlb_service_denied_total") >= 2,
         "the refused clients were not counted as denied"
+    );
+    // A client reaching srvlb directly cannot claim an allowed address: only the balancer
+    // (accept_proxy_from) is trusted to send the header.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from: SocketAddr = "127.0.0.5:0".parse().expect("addr");
+    socket.bind(&from.into()).expect("bind");
+    socket.connect(&lb.listen.into()).expect("connect");
+    let mut forged: TcpStream = socket.into();
+    forged
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    forged
+        .write_all(b"PROXY TCP4 127.0.0.7 127.0.0.1 4000 80\r\n")
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let got = forged.read(&mut buf);
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "a forged header from an untrusted peer got through: {got:?}"
+    );
+    assert_eq!(
+        lb.service_metric("srvlb_service_proxy_header_rejected_total"),
+        1
     );
 }
 

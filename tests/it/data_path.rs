@@ -541,6 +541,58 @@ fn a_stream_cut_by_the_shutdown_grace_is_reset() {
     }
 }
 
+/// A backend that sends `chunk` pattern bytes every `every`, for ever (until a write fails).
+fn trickling_backend(chunk: usize, every: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let mut sent = 0usize;
+                loop {
+                    let block: Vec<u8> = (sent..sent + chunk).map(pattern).collect();
+                    if stream.write_all(&block).is_err() {
+                        return;
+                    }
+                    sent += chunk;
+                    thread::sleep(every);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The shutdown cut of a stream that srvlb is caught up with (nothing held, nothing unread:
+/// the backend produces slower than the client reads) must still be a reset: the stream is
+/// not complete, and a FIN would say it is.
+#[test]
+fn a_trickling_stream_cut_by_the_shutdown_grace_is_reset() {
+    for (path, env) in DATA_PATHS {
+        let backend = trickling_backend(512, Duration::from_millis(50));
+        let mut lb = Lb::start_with_env(&[backend], "idle_timeout = \"1h\"", "", env);
+        let mut client = TcpStream::connect(lb.listen).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut first = [0u8; 1];
+        client.read_exact(&mut first).expect("first byte");
+        lb.srvlb.signal("TERM");
+        let end = read_stream_from(&mut client, 1, |_| (1 << 20, Duration::ZERO));
+        assert_eq!(
+            lb.srvlb.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "{path}"
+        );
+        eprintln!("{path}: trickling stream at the end of the shutdown grace: {end:?}");
+        assert!(
+            matches!(end, StreamEnd::Error(_, ErrorKind::ConnectionReset)),
+            "{path}: a live stream cut by the shutdown ended with {end:?}, not a reset"
+        );
+    }
+}
+
 /// Lines of `ss` for established TCP sockets matching `filter`, with their timers.
 fn sockets_with_timers(filter: &str) -> Vec<String> {
     let out = Command::new("ss")
