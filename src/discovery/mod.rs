@@ -3,14 +3,18 @@
 //! the records' TTL with jitter, and the rules that keep a flapping or failing registry from
 //! emptying a pool. It feeds whole answers to `Pool::update`; it never touches connections.
 //!
-//! `lookup` does the DNS queries, `schedule` decides when to look again, `tiers` logs tier
-//! switches; this file runs the per-service loop and applies answers.
+//! `lookup` does the DNS queries (`probe` tells a refused query from a slow one), `schedule`
+//! decides when to look again, `damping` judges large removals, `tiers` logs tier switches;
+//! this file runs the per-service loop: the SRV records on their TTL, each target's
+//! addresses on theirs.
 
+mod damping;
 mod lookup;
+mod probe;
 mod schedule;
 mod tiers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,12 +31,14 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::{ResolverConfig, ServiceConfig};
+use crate::config::{AddressFamily, ResolverConfig, ServiceConfig};
 use crate::health::now_ms;
-use crate::pool::{Endpoint, Pool};
+use crate::pool::{BackendKey, Endpoint, Pool};
 
+use damping::Verdict;
 pub use lookup::{Answer, Unresolved, lookup_srv};
-pub use schedule::{failure_backoff, refresh_interval};
+use lookup::{SrvOutcome, SrvRecord, TargetAddrs};
+pub use schedule::{absent_backoff, failure_backoff, refresh_after, refresh_interval};
 use tiers::{TIER_CHECK, TierWatch};
 
 /// Priority given to static backends listed beside an SRV name: a last-resort tier that takes
@@ -71,7 +77,12 @@ pub fn build_resolver(settings: &ResolverConfig) -> Result<TokioResolver, Discov
     opts.timeout = settings.timeout;
     opts.attempts = 1;
     opts.cache_size = 0;
-    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    // `family = "ipv4"` neither asks for AAAA nor tries IPv6 addresses (and the reverse).
+    opts.ip_strategy = match settings.family {
+        AddressFamily::Any => LookupIpStrategy::Ipv4AndIpv6,
+        AddressFamily::Ipv4 => LookupIpStrategy::Ipv4Only,
+        AddressFamily::Ipv6 => LookupIpStrategy::Ipv6Only,
+    };
     opts.try_tcp_on_error = true;
     builder.build().map_err(DiscoveryError::Build)
 }
@@ -91,6 +102,64 @@ pub struct DiscoveryStatus {
     /// are published before the first lookup, so a non-empty pool does not mean this.
     first_outcome: AtomicBool,
     first_outcome_notify: tokio::sync::Notify,
+    /// Set while DNS says the service is absent (NXDOMAIN, NODATA, lone "."): the empty
+    /// hold, and after it the emptied pool. Cleared when records are back.
+    pub absence: Mutex<Option<Absence>>,
+}
+
+/// The registry's "absent" answer and the empty hold it started, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Absence {
+    /// The answer that started it: "NXDOMAIN", "no SRV records (NODATA)", ...
+    pub reason: String,
+    /// Wall-clock time (ms since the Unix epoch) of the first absent answer.
+    pub since_unix_ms: u64,
+    /// When the hold ends and the SRV backends are removed (same clock).
+    pub until_unix_ms: u64,
+    /// The hold has elapsed and the pool's SRV backends were removed.
+    pub emptied: bool,
+}
+
+impl Absence {
+    /// True while the old backends still serve and the hold has not elapsed.
+    pub fn in_hold(&self) -> bool {
+        !self.emptied
+    }
+
+    /// Milliseconds left in the hold (0 once elapsed).
+    pub fn remaining_ms(&self) -> u64 {
+        if self.emptied {
+            0
+        } else {
+            self.until_unix_ms.saturating_sub(unix_ms())
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, for times shown to operators.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The servers the refusal probe asks: the configured ones, or the system's.
+fn probe_servers(settings: &ResolverConfig) -> Vec<SocketAddr> {
+    if !settings.nameservers.is_empty() {
+        return settings.nameservers.clone();
+    }
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok((config, _)) => config
+            .name_servers()
+            .iter()
+            .filter_map(|ns| {
+                let port = ns.connections.first().map(|c| c.port)?;
+                Some(SocketAddr::new(ns.ip, port))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 impl DiscoveryStatus {
@@ -142,12 +211,39 @@ pub fn static_endpoints(statics: &[SocketAddr]) -> Vec<Endpoint> {
         .collect()
 }
 
+/// What the refresh loop knows of one SRV target's addresses, refreshed on their own TTL.
+#[derive(Debug, Clone)]
+struct TargetState {
+    addrs: Vec<IpAddr>,
+    /// When to resolve the target again.
+    due: Instant,
+    /// TTL of the previous answer, for `refresh_after`.
+    ttl: u32,
+    /// Transient failures (or authoritative "no address") in a row: the back-off exponent.
+    failures: u32,
+    /// The last lookup failed transiently (the addresses, if any, are from before).
+    error: Option<String>,
+}
+
+/// The registry's "absent" as the loop tracks it.
+#[derive(Debug, Clone, Copy)]
+struct AbsentState {
+    since: Instant,
+    rounds: u32,
+    emptied: bool,
+}
+
+/// Answer sets above this size are compared on a blocking thread, not on a runtime worker.
+const COMPARE_INLINE_MAX: usize = 512;
+
 /// The refresh loop of one service. Runs until `shutdown` flips to true.
 pub struct Discovery {
     service: String,
     srv: Option<String>,
     statics: Vec<Endpoint>,
     resolver: Arc<TokioResolver>,
+    /// Servers the refusal probe asks (see `probe`).
+    nameservers: Vec<SocketAddr>,
     /// The refresh settings in use: taken from `settings_updates` at each refresh.
     settings: ResolverConfig,
     /// A reload that changes only min_refresh, max_refresh or empty_hold sends them here
@@ -155,20 +251,31 @@ pub struct Discovery {
     settings_updates: watch::Receiver<ResolverConfig>,
     pool: Arc<Pool>,
     status: Arc<DiscoveryStatus>,
-    /// Addresses of SRV targets from the last good answer.
-    known_addresses: HashMap<String, Vec<IpAddr>>,
-    /// The SRV part of the answer the pool currently serves.
-    current: Vec<Endpoint>,
-    /// An answer that would remove more than half of the backends, waiting for confirmation.
-    pending: Option<Vec<Endpoint>>,
+    /// The SRV records of the last answer that had some (within the caps).
+    records: Vec<SrvRecord>,
+    /// Addresses of the records' targets, each on its own TTL.
+    targets: HashMap<String, TargetState>,
+    /// TTL of the previous SRV answer, for `refresh_after`.
+    srv_ttl: u32,
+    /// When the SRV records are looked up next.
+    srv_due: Instant,
+    /// Negative TTL of the latest absent answer.
+    negative_ttl: Option<u32>,
+    /// The SRV part of the set the pool serves (sorted), confirmed.
+    current: Arc<Vec<Endpoint>>,
+    /// An answer that would remove more than half of the backends, waiting for confirmation;
+    /// its additions are already served.
+    pending: Option<Arc<Vec<Endpoint>>>,
     /// Since when the registry has said "absent" (NXDOMAIN / empty / ".").
-    absent_since: Option<Instant>,
+    absent: Option<AbsentState>,
     consecutive_failures: u32,
     /// Whether any lookup has answered yet (start-up failures get their own log line).
     answered: bool,
     /// (skipped, kept, targets) of the last answer with unresolved targets, for logging.
     unresolved_counts: Option<(usize, usize, usize)>,
     tier_watch: TierWatch,
+    /// SRV records the last answer lost to the caps (logged when it changes).
+    trimmed: usize,
 }
 
 impl Discovery {
@@ -185,23 +292,29 @@ impl Discovery {
             srv: service.srv.clone(),
             statics: static_endpoints(&service.static_backends),
             resolver,
+            nameservers: probe_servers(&settings),
             settings,
             settings_updates,
             pool,
             status,
-            known_addresses: HashMap::new(),
-            current: Vec::new(),
+            records: Vec::new(),
+            targets: HashMap::new(),
+            srv_ttl: 0,
+            srv_due: Instant::now(),
+            negative_ttl: None,
+            current: Arc::new(Vec::new()),
             pending: None,
-            absent_since: None,
+            absent: None,
             consecutive_failures: 0,
             answered: false,
             unresolved_counts: None,
             tier_watch: TierWatch::default(),
+            trimmed: 0,
         }
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        self.publish().await;
+        self.publish(&[]).await;
         let mut tier_tick = tokio::time::interval(TIER_CHECK);
         tier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Some(srv) = self.srv.clone() else {
@@ -216,23 +329,48 @@ impl Discovery {
             }
         };
         loop {
-            // The lookup is the long part of a refresh (up to the SRV timeout plus the
-            // targets' budget): it runs under the same select, so a retired service's task
+            // The lookups are the long part of a round (up to the SRV timeout plus the
+            // targets' budget): they run under the same select, so a retired service's task
             // ends at once instead of finishing a refresh nobody wants.
-            let answer = {
-                let lookup = lookup_srv(&self.resolver, &srv, &self.known_addresses);
-                tokio::pin!(lookup);
+            let srv_round = Instant::now() >= self.srv_due;
+            let outcome = {
+                let due: HashMap<String, Instant> = self
+                    .targets
+                    .iter()
+                    .map(|(t, s)| (t.clone(), s.due))
+                    .collect();
+                let round = lookups(
+                    Arc::clone(&self.resolver),
+                    srv.clone(),
+                    self.nameservers.clone(),
+                    // While DNS says the service is absent, its old targets are not looked
+                    // after: the hold alone decides what happens to their backends.
+                    if srv_round || self.absent.is_some() {
+                        Vec::new()
+                    } else {
+                        self.records.clone()
+                    },
+                    due,
+                    srv_round,
+                );
+                tokio::pin!(round);
                 loop {
                     tokio::select! {
-                        answer = &mut lookup => break answer,
+                        outcome = &mut round => break outcome,
                         _ = tier_tick.tick() => self.tier_watch.check(&self.service, &self.pool),
                         _ = shutdown.wait_for(|stop| *stop) => return,
                     }
                 }
             };
-            let delay = self.refresh(&srv, answer).await;
+            if let Some(answer) = self.apply_lookups(outcome) {
+                let delay = self.refresh(&srv, answer, srv_round).await;
+                if srv_round {
+                    self.srv_due = Instant::now() + delay;
+                }
+            }
             self.status.first_outcome_applied();
-            let next = tokio::time::sleep(delay);
+            let wake = self.next_wake();
+            let next = tokio::time::sleep_until(wake.into());
             tokio::pin!(next);
             let mut settings_live = true;
             loop {
@@ -242,7 +380,10 @@ impl Discovery {
                     // A reload changed the refresh settings: look again now, so a shorter
                     // max_refresh or empty_hold does not wait out the old, longer interval.
                     changed = self.settings_updates.changed(), if settings_live => match changed {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            self.srv_due = Instant::now();
+                            break;
+                        }
                         Err(_) => settings_live = false, // the service is gone; shutdown follows
                     },
                     _ = shutdown.wait_for(|stop| *stop) => return,
@@ -251,8 +392,179 @@ impl Discovery {
         }
     }
 
-    /// The consequences of one lookup's answer; returns when to look again.
-    async fn refresh(&mut self, srv: &str, answer: Answer) -> Duration {
+    /// When the loop has something to do next: the SRV refresh, or a target's addresses.
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.srv_due;
+        if self.absent.is_some() {
+            return wake;
+        }
+        for record in &self.records {
+            if let Some(t) = self.targets.get(&record.target) {
+                wake = wake.min(t.due);
+            }
+        }
+        wake
+    }
+
+    /// Folds a round's results into the records and target states; returns the answer to
+    /// act on, or `None` when an address-only round changed nothing.
+    fn apply_lookups(&mut self, lookups: Lookups) -> Option<Answer> {
+        let now = Instant::now();
+        let mut srv_ttl = None;
+        match lookups.srv {
+            Some(SrvOutcome::Records {
+                records,
+                ttl,
+                additional,
+                trimmed,
+            }) => {
+                if trimmed != self.trimmed {
+                    self.trimmed = trimmed;
+                    if trimmed > 0 {
+                        warn!(service = %self.service, left_out = trimmed, max_backends = crate::pool::MAX_BACKENDS, max_tiers = crate::pool::MAX_TIERS, "SRV answer too large; keeping only the preferred priorities and records");
+                    }
+                }
+                for (target, (addrs, ttl)) in additional {
+                    let previous = self.targets.get(&target).map_or(ttl, |t| t.ttl);
+                    let delay = refresh_after(ttl, previous, &self.settings, &mut rand::rng());
+                    self.targets.insert(
+                        target,
+                        TargetState {
+                            addrs,
+                            due: now + delay,
+                            ttl,
+                            failures: 0,
+                            error: None,
+                        },
+                    );
+                }
+                self.records = records;
+                let wanted: HashSet<&str> =
+                    self.records.iter().map(|r| r.target.as_str()).collect();
+                self.targets.retain(|t, _| wanted.contains(t.as_str()));
+                srv_ttl = Some(ttl);
+            }
+            Some(SrvOutcome::Absent { why, negative_ttl }) => {
+                self.negative_ttl = negative_ttl;
+                return Some(Answer::Absent(why));
+            }
+            Some(SrvOutcome::Failed(why)) => return Some(Answer::Failed(why)),
+            None => {}
+        }
+        let mut changed = false;
+        for (target, result) in lookups.resolved {
+            let old = self.targets.get(&target).cloned();
+            let state = self.next_target_state(old.as_ref(), result, now);
+            changed |= old.as_ref().is_none_or(|o| {
+                o.addrs != state.addrs || o.error.is_some() != state.error.is_some()
+            });
+            self.targets.insert(target, state);
+        }
+        if srv_ttl.is_none() && !changed {
+            return None;
+        }
+        Some(self.assemble(srv_ttl.unwrap_or(u32::MAX)))
+    }
+
+    /// A target's state after one lookup of its addresses.
+    fn next_target_state(
+        &self,
+        old: Option<&TargetState>,
+        result: TargetAddrs,
+        now: Instant,
+    ) -> TargetState {
+        let rng = &mut rand::rng();
+        let failures = old.map_or(0, |o| o.failures).saturating_add(1);
+        match result {
+            TargetAddrs::Found(addrs, ttl) => {
+                let previous = old.map_or(ttl, |o| o.ttl);
+                TargetState {
+                    addrs,
+                    due: now + refresh_after(ttl, previous, &self.settings, rng),
+                    ttl,
+                    failures: 0,
+                    error: None,
+                }
+            }
+            // Authoritatively no address: none until it has one; look again with back-off.
+            TargetAddrs::None(negative_ttl) => TargetState {
+                addrs: Vec::new(),
+                due: now + absent_backoff(failures, negative_ttl, &self.settings, rng),
+                ttl: negative_ttl.unwrap_or(0),
+                failures,
+                error: None,
+            },
+            // Says nothing about the target (a new registration's A record may not be ready
+            // yet): keep what it had, and retry with back-off rather than every min_refresh.
+            TargetAddrs::Transient(e) => TargetState {
+                addrs: old.map(|o| o.addrs.clone()).unwrap_or_default(),
+                due: now + failure_backoff(failures, &self.settings, rng),
+                ttl: old.map_or(0, |o| o.ttl),
+                failures,
+                error: Some(e),
+            },
+        }
+    }
+
+    /// The answer the records and the targets' addresses give now.
+    fn assemble(&self, ttl: u32) -> Answer {
+        let addresses: HashMap<String, Vec<IpAddr>> = self
+            .targets
+            .iter()
+            .map(|(t, s)| (t.clone(), s.addrs.clone()))
+            .collect();
+        let endpoints = lookup::endpoints(&self.records, &addresses);
+        let mut targets = 0;
+        let (mut skipped, mut kept, mut error) = (0, 0, None);
+        let mut seen = HashSet::new();
+        for record in self
+            .records
+            .iter()
+            .filter(|r| seen.insert(r.target.as_str()))
+        {
+            targets += 1;
+            if let Some(TargetState {
+                error: Some(e),
+                addrs,
+                ..
+            }) = self.targets.get(&record.target)
+            {
+                error.get_or_insert_with(|| format!("resolving {}: {e}", record.target));
+                if addrs.is_empty() {
+                    skipped += 1;
+                } else {
+                    kept += 1;
+                }
+            }
+        }
+        let unresolved = error.map(|error| Unresolved {
+            skipped,
+            kept,
+            targets,
+            error,
+        });
+        if endpoints.is_empty() {
+            // Nothing usable, and at least one target's lookup said nothing about it: that
+            // is a failed lookup (keep the last set), not an authoritative "absent".
+            return match unresolved {
+                Some(u) => Answer::Failed(format!(
+                    "no SRV target could be resolved ({} of {} failed; {})",
+                    u.skipped, u.targets, u.error
+                )),
+                None => Answer::Absent("no SRV target has an address"),
+            };
+        }
+        Answer::Found {
+            endpoints,
+            ttl,
+            unresolved,
+        }
+    }
+
+    /// The consequences of one answer; returns when to look at the SRV records again.
+    /// `srv_round` is false when only target addresses were looked up: a set assembled
+    /// from them says nothing about the SRV lookup (staleness, the empty hold).
+    async fn refresh(&mut self, srv: &str, answer: Answer, srv_round: bool) -> Duration {
         // Settings from a reload apply from here on: the hold, the next interval. (Read
         // unconditionally: the sleep above may already have marked the change as seen.)
         self.settings = self.settings_updates.borrow_and_update().clone();
@@ -264,17 +576,26 @@ impl Discovery {
                 unresolved,
             } => {
                 self.log_unresolved(srv, unresolved);
+                if !srv_round {
+                    self.accept_answer(endpoints).await;
+                    return Duration::ZERO;
+                }
                 self.answered = true;
                 self.consecutive_failures = 0;
                 if self.status.succeed() {
                     info!(service = %self.service, srv, backends = endpoints.len(), "DNS lookups recovered");
                 }
-                if self.absent_since.take().is_some() {
-                    info!(service = %self.service, srv, backends = endpoints.len(), "SRV records are back; empty hold cancelled");
+                if let Some(absent) = self.absent.take() {
+                    *self.status.absence.lock() = None;
+                    if absent.emptied {
+                        info!(service = %self.service, srv, backends = endpoints.len(), absent_ms = absent.since.elapsed().as_millis() as u64, "SRV records are back; restoring the backends the empty hold had removed");
+                    } else {
+                        info!(service = %self.service, srv, backends = endpoints.len(), "SRV records are back; empty hold cancelled");
+                    }
                 }
-                self.remember_addresses(&endpoints);
                 self.accept_answer(endpoints).await;
-                refresh_interval(ttl, &self.settings, &mut rand::rng())
+                let previous = std::mem::replace(&mut self.srv_ttl, ttl);
+                refresh_after(ttl, previous, &self.settings, &mut rand::rng())
             }
             Answer::Absent(why) => {
                 self.answered = true;
@@ -282,36 +603,64 @@ impl Discovery {
                 if self.status.succeed() {
                     info!(service = %self.service, srv, reason = why, "DNS lookups recovered");
                 }
-                // A pending large removal is moot: the hold below decides what happens.
-                self.pending = None;
                 let hold = self.settings.empty_hold;
-                let since = match self.absent_since {
-                    Some(since) => since,
+                let serving = !self.current.is_empty() || self.pending.is_some();
+                let absent = match &mut self.absent {
+                    Some(absent) => {
+                        absent.rounds = absent.rounds.saturating_add(1);
+                        *absent
+                    }
                     None => {
-                        let now = Instant::now();
-                        self.absent_since = Some(now);
-                        if self.current.is_empty() {
-                            warn!(service = %self.service, srv, reason = why, "service absent from DNS; no SRV backends");
+                        let absent = AbsentState {
+                            since: Instant::now(),
+                            rounds: 1,
+                            emptied: !serving,
+                        };
+                        self.absent = Some(absent);
+                        let since_unix_ms = unix_ms();
+                        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+                        *self.status.absence.lock() = Some(Absence {
+                            reason: why.to_owned(),
+                            since_unix_ms,
+                            until_unix_ms: since_unix_ms.saturating_add(hold_ms),
+                            emptied: !serving,
+                        });
+                        if serving {
+                            warn!(service = %self.service, srv, reason = why, backends = self.current.len(), hold_ms, "service absent from DNS; keeping the last backends during the hold");
                         } else {
-                            warn!(service = %self.service, srv, reason = why, backends = self.current.len(), hold_ms = hold.as_millis() as u64, "service absent from DNS; keeping the last backends during the hold");
+                            warn!(service = %self.service, srv, reason = why, "service absent from DNS; no SRV backends");
                         }
-                        now
+                        absent
                     }
                 };
-                let held = since.elapsed();
+                let delay = absent_backoff(
+                    absent.rounds,
+                    self.negative_ttl.take(),
+                    &self.settings,
+                    &mut rand::rng(),
+                );
+                let held = absent.since.elapsed();
                 if held >= hold {
-                    if !self.current.is_empty() {
+                    if !absent.emptied {
                         warn!(service = %self.service, srv, reason = why, held_ms = held.as_millis() as u64, backends = self.current.len(), "empty hold elapsed; removing the service's SRV backends");
-                        self.current.clear();
-                        self.publish().await;
+                        self.current = Arc::new(Vec::new());
+                        self.pending = None;
+                        self.records.clear();
+                        self.targets.clear();
+                        self.publish(&[]).await;
+                        if let Some(a) = &mut self.absent {
+                            a.emptied = true;
+                        }
+                        if let Some(a) = self.status.absence.lock().as_mut() {
+                            a.emptied = true;
+                        }
                     }
-                    return refresh_interval(0, &self.settings, &mut rand::rng());
+                    return delay;
                 }
-                // Look again at min_refresh, and no later than the end of the hold, so that
-                // the pool empties on time (or the hold is cancelled as soon as DNS says so).
+                // Back off, but look again no later than the end of the hold, so that the
+                // pool empties on time.
                 let remaining = hold.saturating_sub(held);
-                refresh_interval(0, &self.settings, &mut rand::rng())
-                    .min(remaining.max(Duration::from_millis(50)))
+                delay.min(remaining.max(Duration::from_millis(50)))
             }
             Answer::Failed(why) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
@@ -352,49 +701,82 @@ impl Discovery {
         }
     }
 
-    fn remember_addresses(&mut self, endpoints: &[Endpoint]) {
-        let mut by_target: HashMap<String, Vec<IpAddr>> = HashMap::new();
-        for ep in endpoints {
-            let ips = by_target.entry(ep.target.clone()).or_default();
-            if !ips.contains(&ep.addr.ip()) {
-                ips.push(ep.addr.ip());
+    /// Applies a new answer. Additions and small removals apply at once; an answer that
+    /// would remove more than half of the backends has its additions served at once while
+    /// the backends it removes stay in service (flagged, so retries avoid them) until the
+    /// next lookup confirms the removal. The comparison of a large answer runs on a
+    /// blocking thread, never on a runtime worker that also proxies.
+    async fn accept_answer(&mut self, endpoints: Vec<Endpoint>) {
+        let current = Arc::clone(&self.current);
+        let pending = self.pending.clone();
+        let large = endpoints.len() > COMPARE_INLINE_MAX;
+        let judge = move || {
+            let (mut endpoints, _) = crate::pool::trim_to_caps(endpoints);
+            endpoints.sort_by(|a, b| (&a.target, a.port, a.addr).cmp(&(&b.target, b.port, b.addr)));
+            let verdict = damping::judge(
+                &current,
+                pending.as_deref().map(|p| p.as_slice()),
+                &endpoints,
+            );
+            (endpoints, verdict)
+        };
+        let (endpoints, verdict) = if large {
+            match tokio::task::spawn_blocking(judge).await {
+                Ok(judged) => judged,
+                Err(e) => {
+                    warn!(service = %self.service, error = %e, "comparing the answer failed; keeping the previous set");
+                    return;
+                }
+            }
+        } else {
+            judge()
+        };
+        match verdict {
+            Verdict::Same { dropped_pending } => {
+                if dropped_pending {
+                    self.pending = None;
+                    info!(service = %self.service, backends = endpoints.len(), "damping: the large removal was not confirmed; nothing removed");
+                    self.publish(&[]).await;
+                }
+            }
+            Verdict::Apply { confirmed } => {
+                if let Some((removed, of)) = confirmed {
+                    info!(service = %self.service, removed, of, "damping: large removal confirmed by a second lookup; applying it");
+                }
+                self.pending = None;
+                self.current = Arc::new(endpoints);
+                self.publish(&[]).await;
+            }
+            Verdict::Hold { held, removed, of } => {
+                let added = endpoints.len() + held.len() - self.current.len();
+                warn!(service = %self.service, removed, of, added, "damping: answer would remove more than half of the backends; new backends serve at once, the removal waits for the next lookup to confirm");
+                let next = Arc::new(endpoints);
+                self.pending = Some(Arc::clone(&next));
+                self.publish_with(&next, &held).await;
             }
         }
-        self.known_addresses = by_target;
     }
 
-    /// Applies a new answer, unless it would remove more than half of the backends at once:
-    /// such an answer is applied only when the next lookup says the same.
-    async fn accept_answer(&mut self, mut endpoints: Vec<Endpoint>) {
-        endpoints.sort_by(|a, b| (&a.target, a.port, a.addr).cmp(&(&b.target, b.port, b.addr)));
-        if endpoints == self.current {
-            if self.pending.take().is_some() {
-                info!(service = %self.service, backends = endpoints.len(), "damping: the large removal was not confirmed; nothing removed");
-            }
-            return;
-        }
-        let removed = self
-            .current
-            .iter()
-            .filter(|old| !endpoints.iter().any(|new| same_backend(old, new)))
-            .count();
-        if removed * 2 > self.current.len() && !self.current.is_empty() {
-            if self.pending.as_ref() != Some(&endpoints) {
-                warn!(service = %self.service, removed, of = self.current.len(), "damping: answer would remove more than half of the backends; waiting for the next lookup to confirm");
-                self.pending = Some(endpoints);
-                return;
-            }
-            info!(service = %self.service, removed, of = self.current.len(), "damping: large removal confirmed by a second lookup; applying it");
-        }
-        self.pending = None;
-        self.current = endpoints;
-        self.publish().await;
+    /// Publishes the confirmed set plus `held` backends (removal pending).
+    async fn publish(&mut self, held: &[Endpoint]) {
+        let current = Arc::clone(&self.current);
+        self.publish_with(&current, held).await;
     }
 
-    async fn publish(&mut self) {
-        let mut all = self.current.clone();
+    async fn publish_with(&mut self, set: &[Endpoint], held: &[Endpoint]) {
+        let mut all = set.to_vec();
+        all.extend(held.iter().cloned());
         all.extend(self.statics.iter().cloned());
         let result = self.pool.update_off_runtime(all).await;
+        let pending: HashSet<BackendKey> = held
+            .iter()
+            .map(|ep| BackendKey {
+                target: Arc::from(ep.target.as_str()),
+                port: ep.port,
+                addr: ep.addr,
+            })
+            .collect();
+        self.pool.mark_removal_pending(&pending);
         if let Ok(change) = &result {
             if change.capped > 0 {
                 warn!(service = %self.service, left_out = change.capped, max_backends = crate::pool::MAX_BACKENDS, max_tiers = crate::pool::MAX_TIERS, "answer too large; keeping only the preferred priorities and backends");
@@ -407,6 +789,7 @@ impl Discovery {
                 removed = change.removed,
                 reweighted = change.reweighted,
                 backends = change.total,
+                removal_pending = held.len(),
                 "backends changed"
             ),
             Ok(_) => {}
@@ -417,14 +800,63 @@ impl Discovery {
     }
 }
 
-fn same_backend(a: &Endpoint, b: &Endpoint) -> bool {
-    a.target == b.target && a.port == b.port && a.addr == b.addr
+/// One round of queries: the SRV records when `srv_round`, then the targets that are new
+/// or due (`due`: when each known target is due) and whose addresses did not come in the
+/// additional section. Without an SRV round, the targets of `records` are considered.
+async fn lookups(
+    resolver: Arc<TokioResolver>,
+    srv: String,
+    nameservers: Vec<SocketAddr>,
+    records: Vec<SrvRecord>,
+    due: HashMap<String, Instant>,
+    srv_round: bool,
+) -> Lookups {
+    let srv_outcome = if srv_round {
+        Some(lookup::query_srv(&resolver, &srv, &nameservers).await)
+    } else {
+        None
+    };
+    let now = Instant::now();
+    let (records, additional): (&[SrvRecord], Option<&lookup::Additional>) = match &srv_outcome {
+        Some(SrvOutcome::Records {
+            records,
+            additional,
+            ..
+        }) => (records, Some(additional)),
+        Some(_) => (&[], None),
+        None => (&records, None),
+    };
+    // A little slack groups targets that fall due together into one round.
+    let slack = Duration::from_millis(50);
+    let mut seen = HashSet::new();
+    let to_resolve: Vec<(String, hickory_resolver::proto::rr::Name)> = records
+        .iter()
+        .filter(|r| seen.insert(r.target.as_str()))
+        .filter(|r| !additional.is_some_and(|a| a.contains_key(&r.target)))
+        .filter(|r| due.get(&r.target).is_none_or(|d| *d <= now + slack))
+        .map(|r| (r.target.clone(), r.name.clone()))
+        .collect();
+    let resolved = if to_resolve.is_empty() {
+        HashMap::new()
+    } else {
+        lookup::resolve_targets(&resolver, to_resolve).await
+    };
+    Lookups {
+        srv: srv_outcome,
+        resolved,
+    }
+}
+
+/// The results of one round of queries.
+struct Lookups {
+    /// `None` when only target addresses were due.
+    srv: Option<SrvOutcome>,
+    resolved: HashMap<String, TargetAddrs>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::lookup::absence;
-    use super::tiers::TierWatch;
     use super::*;
     use hickory_resolver::net::DnsError;
     use hickory_resolver::proto::op::ResponseCode;
@@ -436,6 +868,7 @@ mod tests {
             min_refresh: Duration::from_secs(1),
             max_refresh: Duration::from_secs(60),
             empty_hold: Duration::from_secs(30),
+            family: AddressFamily::Any,
         }
     }
 
@@ -465,24 +898,35 @@ mod tests {
         // Never queried: the tests below feed answers straight to `accept_answer`.
         cfg.nameservers = vec!["127.0.0.1:9".parse().expect("addr")];
         let resolver = Arc::new(build_resolver(&cfg).expect("resolver"));
-        Discovery {
-            service: "svc".to_owned(),
+        let mut service = ServiceConfig {
+            name: "svc".to_owned(),
+            listen: vec!["127.0.0.1:1".parse().expect("addr")],
             srv: Some("_x._tcp.test.".to_owned()),
-            statics: Vec::new(),
+            static_backends: Vec::new(),
+            balance: crate::config::Balance::Maglev,
+            hash_key: crate::config::HashKey::ClientIp,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            connect_retries: 2,
+            max_connections: 10,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            send_proxy: None,
+            health: crate::config::HealthConfig {
+                consecutive_failures: 3,
+                base_ejection: Duration::from_secs(10),
+                max_ejection: Duration::from_secs(60),
+                max_ejected_percent: 50,
+            },
+        };
+        service.srv = Some("_x._tcp.test.".to_owned());
+        Discovery::new(
+            &service,
             resolver,
-            settings: cfg.clone(),
-            settings_updates: watch::channel(cfg).1,
-            pool: Arc::clone(pool),
-            status: Arc::new(DiscoveryStatus::default()),
-            known_addresses: HashMap::new(),
-            current: Vec::new(),
-            pending: None,
-            absent_since: None,
-            consecutive_failures: 0,
-            answered: false,
-            unresolved_counts: None,
-            tier_watch: TierWatch::default(),
-        }
+            watch::channel(cfg).1,
+            Arc::clone(pool),
+            Arc::new(DiscoveryStatus::default()),
+        )
     }
 
     fn served(pool: &Pool) -> Vec<String> {
@@ -539,6 +983,87 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_rollout_serves_the_new_backends_from_the_first_answer() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        d.accept_answer(vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)])
+            .await;
+        let rollout = vec![ep("d.", 4), ep("e.", 5), ep("f.", 6)];
+        d.accept_answer(rollout.clone()).await;
+        // New pods serve at once; the old ones stay, flagged, until confirmed.
+        assert_eq!(served(&pool), ["a.", "b.", "c.", "d.", "e.", "f."]);
+        let pending: Vec<String> = pool
+            .snapshot()
+            .iter()
+            .filter(|(_, b)| b.is_removal_pending())
+            .map(|(_, b)| b.key.target.to_string())
+            .collect();
+        assert_eq!(pending, ["a.", "b.", "c."]);
+        d.accept_answer(rollout).await;
+        assert_eq!(served(&pool), ["d.", "e.", "f."]);
+        assert!(pool.snapshot().iter().all(|(_, b)| !b.is_removal_pending()));
+    }
+
+    #[tokio::test]
+    async fn a_broken_answer_with_an_addition_is_undone_when_not_confirmed() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
+        d.accept_answer(full.clone()).await;
+        d.accept_answer(vec![ep("c.", 3), ep("x.", 9)]).await;
+        assert_eq!(served(&pool), ["a.", "b.", "c.", "x."]);
+        d.accept_answer(full).await;
+        assert_eq!(served(&pool), ["a.", "b.", "c."]);
+        assert!(pool.snapshot().iter().all(|(_, b)| !b.is_removal_pending()));
+    }
+
+    #[tokio::test]
+    async fn the_empty_hold_is_visible_while_it_lasts_and_after_it_empties() {
+        let pool = Arc::new(Pool::new("svc", 1009));
+        let mut d = discovery(&pool);
+        d.settings.empty_hold = Duration::from_millis(300);
+        d.settings_updates = watch::channel(d.settings.clone()).1;
+        let found = || Answer::Found {
+            endpoints: vec![ep("a.", 1)],
+            ttl: 5,
+            unresolved: None,
+        };
+        d.refresh("_x._tcp.test.", found(), true).await;
+        assert!(d.status.absence.lock().is_none());
+        let before = unix_ms();
+        let delay = d
+            .refresh("_x._tcp.test.", Answer::Absent("NXDOMAIN"), true)
+            .await;
+        assert!(delay <= Duration::from_millis(300), "{delay:?}");
+        let hold = d.status.absence.lock().clone().expect("in hold");
+        assert!(hold.in_hold() && hold.reason == "NXDOMAIN", "{hold:?}");
+        assert!(hold.since_unix_ms >= before);
+        assert_eq!(hold.until_unix_ms, hold.since_unix_ms + 300);
+        assert_eq!(served(&pool), ["a."], "the hold keeps serving");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        // Past the hold, absent again: emptied, with growing back-off.
+        let first = d
+            .refresh("_x._tcp.test.", Answer::Absent("NXDOMAIN"), true)
+            .await;
+        assert!(served(&pool).is_empty());
+        let hold = d.status.absence.lock().clone().expect("still absent");
+        assert!(hold.emptied && !hold.in_hold() && hold.remaining_ms() == 0);
+        let mut later = first;
+        for _ in 0..5 {
+            later = d
+                .refresh("_x._tcp.test.", Answer::Absent("NXDOMAIN"), true)
+                .await;
+        }
+        assert!(
+            later >= Duration::from_secs(16),
+            "no back-off: {first:?} then {later:?}"
+        );
+        d.refresh("_x._tcp.test.", found(), true).await;
+        assert!(d.status.absence.lock().is_none());
+        assert_eq!(served(&pool), ["a."]);
+    }
+
+    #[tokio::test]
     async fn refresh_settings_from_a_reload_apply_from_the_next_refresh() {
         let pool = Arc::new(Pool::new("svc", 1009));
         let mut d = discovery(&pool);
@@ -549,12 +1074,12 @@ mod tests {
             ttl: 3600,
             unresolved: None,
         };
-        let before = d.refresh("_x._tcp.test.", found()).await;
+        let before = d.refresh("_x._tcp.test.", found(), true).await;
         assert!(within(before, 54_000, 60_000), "{before:?}");
         let mut next = d.settings.clone();
         next.max_refresh = Duration::from_secs(5);
         tx.send_replace(next);
-        let after = d.refresh("_x._tcp.test.", found()).await;
+        let after = d.refresh("_x._tcp.test.", found(), true).await;
         assert!(within(after, 4_500, 5_000), "{after:?}");
         assert_eq!(served(&pool), ["a."]);
     }

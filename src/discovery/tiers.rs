@@ -35,6 +35,9 @@ pub(super) struct TierSwitch {
     to: Option<u16>,
     /// Away from the preferred tier (the alarming direction).
     fallback: bool,
+    /// The tier in use before is no longer in the answer: DNS moved the service to another
+    /// tier, nothing failed.
+    replaced: bool,
     usable: usize,
     in_tier: usize,
     switches: u32,
@@ -52,7 +55,9 @@ impl TierWatch {
             .to
             .map_or_else(|| "none".to_owned(), |p| p.to_string());
         let (usable, backends, switches) = (switch.usable, switch.in_tier, switch.switches);
-        if switch.fallback {
+        if switch.replaced {
+            info!(service, from_priority = %from, to_priority = %to, usable, backends, "tier change: DNS replaced the tier in use");
+        } else if switch.fallback {
             warn!(service, from_priority = %from, to_priority = %to, usable, backends, switches, "tier switch: preferred tier has no usable backend");
         } else {
             info!(service, from_priority = %from, to_priority = %to, usable, backends, switches, "tier switch: traffic returns to a preferred tier");
@@ -105,16 +110,19 @@ impl TierWatch {
         // Falling back (to a larger priority value, to none, or from none to a tier that is
         // not the preferred one) is the alarming direction.
         let preferred = snapshot.tiers.first().map(|t| t.priority);
-        let fallback = match (logged, active) {
-            (Some(old), Some(new)) => new > old,
-            (Some(_), None) => true,
-            (None, Some(new)) => Some(new) != preferred,
-            (None, None) => false,
-        };
+        let replaced = logged.is_some_and(|old| snapshot.tiers.iter().all(|t| t.priority != old));
+        let fallback = !replaced
+            && match (logged, active) {
+                (Some(old), Some(new)) => new > old,
+                (Some(_), None) => true,
+                (None, Some(new)) => Some(new) != preferred,
+                (None, None) => false,
+            };
         let switch = TierSwitch {
             from: logged,
             to: active,
             fallback,
+            replaced,
             usable,
             in_tier,
             switches: self.switches,
@@ -170,10 +178,29 @@ mod tests {
             ..TierWatch::default()
         };
         let switch = fresh.observe(&pool).expect("a switch from none");
+        assert!(!switch.replaced);
         assert_eq!((switch.from, switch.to), (None, Some(20)));
         assert!(
             switch.fallback,
             "from none to a backup tier is a failover: {switch:?}"
         );
+    }
+
+    #[test]
+    fn dns_replacing_the_only_tier_is_not_a_failover() {
+        let pool = Pool::new("svc", 1009);
+        let mut watch = TierWatch::default();
+        let ep = |i: u8, priority: u16| Endpoint {
+            target: format!("b{i}.test."),
+            port: 80,
+            addr: SocketAddr::from(([127, 0, 0, i], 80)),
+            priority,
+            weight: 1,
+        };
+        pool.update(&[ep(1, 10)]).expect("update");
+        assert_eq!(watch.observe(&pool), None);
+        pool.update(&[ep(2, 20)]).expect("update");
+        let switch = watch.observe(&pool).expect("a change");
+        assert!(switch.replaced && !switch.fallback, "{switch:?}");
     }
 }

@@ -4,3 +4,4 @@
 pub mod bind;
 pub mod dns;
 pub mod harness;
+pub mod resolvers;
