@@ -782,7 +782,7 @@ fn dnsmasq_absent_name_and_failing_target_are_queried_with_back_off() {
     let absent_srv = count("SRV", "_gone._tcp.srvlb.test");
     let target = count("A", "gone.dead.test");
     figure(&format!(
-        "in {}s with min_refresh 1s, max_refresh 8s: absent name queried {absent_srv} times, failing target {target} A queries (UDP+TCP; every min_refresh would be ~{} lookups)",
+        "in {}s with min_refresh 1s, max_refresh 8s: absent name queried {absent_srv} times, failing target {target} A queries (every min_refresh would be ~{} lookups)",
         WINDOW.as_secs(),
         WINDOW.as_secs()
     ));
@@ -791,8 +791,10 @@ fn dnsmasq_absent_name_and_failing_target_are_queried_with_back_off() {
         "absent name queried {absent_srv} times in {WINDOW:?}"
     );
     assert!(absent_srv >= 2, "absent name not re-queried at all");
+    // A lookup may reach dnsmasq twice (UDP, then TCP after REFUSED). Every min_refresh
+    // would be ~27 lookups in 30 s; the back-off (1, 2, 4, 8, 8 s) about 5.
     assert!(
-        target <= 10,
+        target <= 18,
         "failing target queried {target} times in {WINDOW:?}"
     );
     assert!(

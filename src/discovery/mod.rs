@@ -452,8 +452,22 @@ impl Discovery {
             None => {}
         }
         let mut changed = false;
+        let address_round = srv_ttl.is_none();
         for (target, result) in lookups.resolved {
             let old = self.targets.get(&target).cloned();
+            // A target that loses every address between two SRV lookups is judged together
+            // with the SRV records, as when both are looked up in one round: the whole
+            // name may be going away (NXDOMAIN for everything is the empty hold's case,
+            // not one target's removal). Look at both again now.
+            if address_round
+                && matches!(result, TargetAddrs::None(_))
+                && let Some(mut kept) = old.clone().filter(|o| !o.addrs.is_empty())
+            {
+                kept.due = now;
+                self.targets.insert(target, kept);
+                self.srv_due = now;
+                continue;
+            }
             let state = self.next_target_state(old.as_ref(), result, now);
             changed |= old.as_ref().is_none_or(|o| {
                 o.addrs != state.addrs || o.error.is_some() != state.error.is_some()
@@ -748,7 +762,7 @@ impl Discovery {
                 self.publish(&[]).await;
             }
             Verdict::Hold { held, removed, of } => {
-                let added = endpoints.len() + held.len() - self.current.len();
+                let added = (endpoints.len() + held.len()).saturating_sub(self.current.len());
                 warn!(service = %self.service, removed, of, added, "damping: answer would remove more than half of the backends; new backends serve at once, the removal waits for the next lookup to confirm");
                 let next = Arc::new(endpoints);
                 self.pending = Some(Arc::clone(&next));
