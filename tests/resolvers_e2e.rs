@@ -434,11 +434,13 @@ fn query_rate_behind_unbound_is_one_lookup_per_ttl() {
             per_min(a),
             per_min(aaaa)
         ));
-        assert!(per_min(srv) <= 15.0, "SRV {srv} in {}s", to - from);
+        // One lookup per TTL is 12 a minute; the cache's whole-second TTLs and the window's
+        // edges allow a few more. Refreshing on the expiry edge gave 23.
+        assert!(per_min(srv) <= 17.0, "SRV {srv} in {}s", to - from);
         assert!(per_min(srv) >= 6.0, "SRV records not refreshed: {srv}");
-        assert!(per_min(a) <= 15.0, "A {a} in {}s", to - from);
+        assert!(per_min(a) <= 17.0, "A {a} in {}s", to - from);
         if family == "any" {
-            assert!(per_min(aaaa) <= 15.0, "AAAA {aaaa}");
+            assert!(per_min(aaaa) <= 17.0, "AAAA {aaaa}");
         } else {
             assert_eq!(aaaa, 0, "family = \"ipv4\" still asked for AAAA");
         }
