@@ -9,7 +9,7 @@
 //! Linux only: maglev is keyed by the client address, so clients bind to 127.0.0.2,
 //! 127.0.0.3, ... (the whole 127.0.0.0/8 is loopback on Linux).
 
-#[path = "../tests/support/dns.rs"]
+#[path = "../tests/it/support/dns.rs"]
 mod dns;
 
 use std::collections::{BTreeMap, HashMap};

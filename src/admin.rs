@@ -184,7 +184,7 @@ fn metrics(state: &AdminState) -> String {
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let service_counters: [ServiceMetric; 10] = [
+    let service_counters: [ServiceMetric; 15] = [
         (
             "srvlb_service_connections_total",
             "counter",
@@ -220,6 +220,41 @@ fn metrics(state: &AdminState) -> String {
             "counter",
             "Connect attempts beyond the first.",
             |s| s.stats.retries.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_proxy_header_rejected_total",
+            "counter",
+            "Client connections closed because accept_proxy is on and no valid PROXY header came in time.",
+            |s| s.stats.proxy_header_rejected.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_source_connection_limited_total",
+            "counter",
+            "Client connections closed because their source had max_connections_per_source open.",
+            |s| s.stats.source_connection_limited.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_source_rate_limited_total",
+            "counter",
+            "Client connections closed because their source exceeded rate_per_source.",
+            |s| s.stats.source_rate_limited.load(Ordering::Relaxed),
+        ),
+        (
+            "srvlb_service_tracked_sources",
+            "gauge",
+            "Sources (IPv4 addresses, IPv6 /64s) the per-source limits track now.",
+            |s| s.connection_limit().sources().tracked() as u64,
+        ),
+        (
+            "srvlb_service_untracked_sources_total",
+            "counter",
+            "Connections let in untracked because the per-source table was full of busy sources.",
+            |s| {
+                s.connection_limit()
+                    .sources()
+                    .untracked
+                    .load(Ordering::Relaxed)
+            },
         ),
         (
             "srvlb_dns_stale",
@@ -398,6 +433,21 @@ fn metrics(state: &AdminState) -> String {
             "Splice pipes created.",
         );
         let _ = writeln!(out, "srvlb_splice_pipes_created_total {}", PIPES.created());
+    }
+    for (name, help, value) in [
+        (
+            "srvlb_access_log_lines_total",
+            "Lines written to the access log.",
+            &crate::access_log::WRITTEN,
+        ),
+        (
+            "srvlb_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up.",
+            &crate::access_log::DROPPED,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
     }
     family(
         &mut out,

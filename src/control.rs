@@ -14,6 +14,7 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::access_log;
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
@@ -40,6 +41,8 @@ pub enum ControlError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
 /// Everything the running process owns.
@@ -58,6 +61,10 @@ impl Server {
     /// outlives it, when a listener cannot be bound.
     pub async fn start(config: Config) -> Result<Server, ControlError> {
         let resolver = Arc::new(build_resolver(&config.resolver)?);
+        access_log::configure(
+            config.global.access_log.as_deref(),
+            config.global.access_log_format,
+        )?;
         let admin_state = Arc::new(AdminState::default());
         let mut server = Server {
             config: Config {
@@ -142,6 +149,16 @@ impl Server {
             || next.resolver.family != self.config.resolver.family;
         if resolver_changed {
             self.resolver = Arc::new(build_resolver(&next.resolver)?);
+        }
+        // The last fallible step: a new access log path that cannot be opened refuses the
+        // reload; once it is open, nothing below can fail.
+        if next.global.access_log != self.config.global.access_log
+            || next.global.access_log_format != self.config.global.access_log_format
+        {
+            access_log::configure(
+                next.global.access_log.as_deref(),
+                next.global.access_log_format,
+            )?;
         }
 
         // 2. Services: keep those whose discovery is unchanged (pool state survives); the
@@ -271,6 +288,7 @@ impl Server {
                     connections = self.tracker.open(),
                     "shutdown grace elapsed; closing the remaining connections"
                 );
+                cut_connections(&self.tracker).await;
             }
         }
         if let Some(admin) = self.admin.take() {
@@ -281,6 +299,15 @@ impl Server {
     pub fn reloads(&self) -> &AdminState {
         &self.admin_state
     }
+}
+
+/// Ends every open connection and gives their tasks a moment to do it themselves: a task
+/// knows whether bytes were still in flight and then resets both sides, whereas a socket
+/// closed by the runtime going away would send a clean FIN and pass a cut stream off as
+/// complete.
+async fn cut_connections(tracker: &ConnectionTracker) {
+    tracker.cut_all();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
 }
 
 /// How long a reload (or start) waits for new services' first lookups, all together: one
@@ -317,6 +344,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
     let mut hangup = signal(SignalKind::hangup()).map_err(ControlError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(ControlError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ControlError::Signals)?;
+    let mut user1 = signal(SignalKind::user_defined1()).map_err(ControlError::Signals)?;
     let mut server = match Server::start(config).await {
         Ok(server) => server,
         Err(e) => {
@@ -347,6 +375,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(&mut server, &config_path).await,
+            // logrotate has moved the access log away: write to a new file at its path.
+            _ = user1.recv() => access_log::reopen(),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
@@ -362,10 +392,17 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlErro
     // A second SIGTERM/SIGINT (`systemctl stop` again, Ctrl-C twice) means "stop now": the
     // operator has chosen to cut what is left rather than wait out the grace period. The
     // drain is abandoned; returning ends the runtime, which closes every connection.
+    let tracker = server.tracker().clone();
     tokio::select! {
         () = server.shutdown(grace) => info!("srvlb stopped"),
-        _ = terminate.recv() => warn!("second stop signal (SIGTERM): closing the remaining connections now"),
-        _ = interrupt.recv() => warn!("second stop signal (SIGINT): closing the remaining connections now"),
+        _ = terminate.recv() => {
+            warn!("second stop signal (SIGTERM): closing the remaining connections now");
+            cut_connections(&tracker).await;
+        }
+        _ = interrupt.recv() => {
+            warn!("second stop signal (SIGINT): closing the remaining connections now");
+            cut_connections(&tracker).await;
+        }
     }
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! Passive failure detection: per-backend failure counting, ejection with growing backoff,
-//! and re-admission. It owns only arithmetic on atomics; it never opens sockets and never
-//! decides which backend a client gets (the selector reads `is_available`).
+//! and re-admission. `Health` owns only arithmetic on atomics; [`judge`] applies the policy
+//! to real connections (what counts against a backend, ejection under the tier cap). Neither
+//! opens sockets or decides which backend a client gets (the selector reads `is_available`).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::HealthConfig;
+
+pub(crate) mod judge;
 
 /// Milliseconds on a process-wide monotonic clock. Ejection deadlines are stored in this unit
 /// so that the accept path compares two integers instead of touching `Instant` under a lock.

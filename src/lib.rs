@@ -3,12 +3,15 @@
 //! The library holds every piece of the balancer so that tests, benchmarks and the demo
 //! drive the same code as the `srvlb` binary. See DESIGN.md for the module map.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod control;
 pub mod discovery;
 pub mod health;
+pub mod log_throttle;
 pub mod pool;
 pub mod proxy;
 pub mod service;
+pub mod source_limits;

@@ -56,15 +56,9 @@ fn main() -> ExitCode {
 fn check(config: &Config, resolve: bool) -> ExitCode {
     print!("{}", config.plan());
     if resolve {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match runtime(&mut tokio::runtime::Builder::new_current_thread()) {
             Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("cannot start the runtime: {e}");
-                return ExitCode::from(2);
-            }
+            Err(code) => return code,
         };
         if !runtime.block_on(print_resolution(config)) {
             return ExitCode::from(1);
@@ -127,15 +121,9 @@ async fn print_resolution(config: &Config) -> bool {
 
 fn run(path: PathBuf, config: Config) -> ExitCode {
     init_logging(config.global.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(&mut tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(srvlb::control::run(path, config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,6 +133,14 @@ fn run(path: PathBuf, config: Config) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Builds a runtime with I/O and timers, or says why not (exit code 2).
+fn runtime(builder: &mut tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("cannot start the runtime: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn init_logging(format: LogFormat) {

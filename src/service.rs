@@ -16,6 +16,7 @@ use crate::balance::MaglevTable;
 use crate::config::{ResolverConfig, ServiceConfig};
 use crate::discovery::{Discovery, DiscoveryStatus};
 use crate::pool::Pool;
+use crate::source_limits::SourceLimits;
 
 /// Counters of one service, for logs and metrics.
 #[derive(Debug, Default)]
@@ -30,6 +31,12 @@ pub struct ServiceStats {
     pub connect_exhausted: AtomicU64,
     /// Connect attempts beyond the first.
     pub retries: AtomicU64,
+    /// Closed because `accept_proxy` is on and no valid PROXY header came in time.
+    pub proxy_header_rejected: AtomicU64,
+    /// Closed because their source had `max_connections_per_source` open.
+    pub source_connection_limited: AtomicU64,
+    /// Closed because their source exceeded `rate_per_source`.
+    pub source_rate_limited: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -165,6 +172,8 @@ impl Service {
 #[derive(Debug)]
 pub struct ConnectionLimit {
     semaphore: Arc<Semaphore>,
+    /// Per-source counts, shared the same way as the permits.
+    sources: Arc<SourceLimits>,
     size: Mutex<usize>,
     /// Dropping a `JoinSet` aborts its tasks.
     debts: Mutex<JoinSet<()>>,
@@ -184,6 +193,7 @@ impl ConnectionLimit {
         let size = size.min(Self::MAX);
         ConnectionLimit {
             semaphore: Arc::new(Semaphore::new(size)),
+            sources: Arc::new(SourceLimits::default()),
             size: Mutex::new(size),
             debts: Mutex::new(JoinSet::new()),
         }
@@ -191,6 +201,10 @@ impl ConnectionLimit {
 
     pub fn semaphore(&self) -> &Arc<Semaphore> {
         &self.semaphore
+    }
+
+    pub fn sources(&self) -> &Arc<SourceLimits> {
+        &self.sources
     }
 
     /// Sets the number of permits to `new_size`; see the type's documentation. Must run

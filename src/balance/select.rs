@@ -15,13 +15,7 @@ use crate::pool::{Backend, Snapshot, Tier};
 /// The selection key of a client: its address (and port with `client_ip_port`) hashed the
 /// same way in every srvlb instance.
 pub fn client_key(client: SocketAddr, hash: HashKey) -> u64 {
-    let ip = match client.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
+    let ip = crate::proxy::canonical_ip(client.ip());
     let mut bytes = [0u8; 18];
     let len = match ip {
         IpAddr::V4(v4) => {

@@ -37,6 +37,9 @@ pub struct GlobalConfig {
     pub log_format: LogFormat,
     /// How long `SIGTERM` waits for connections to finish before closing them.
     pub shutdown_grace: Duration,
+    /// File that gets one line per client connection; `None`: no access log.
+    pub access_log: Option<PathBuf>,
+    pub access_log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,16 +86,41 @@ pub struct ServiceConfig {
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// TCP keepalive on both legs: the silence before the first probe, which is also the
+    /// interval between probes ([`KEEPALIVE_PROBES`] of them). `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// Further backends tried after a failed connect.
     pub connect_retries: u32,
     pub max_connections: usize,
+    /// Open connections one source (an IPv4 address or an IPv6 /64) may have; `None`: no
+    /// limit.
+    pub max_connections_per_source: Option<u32>,
+    /// New connections one source may open, as a token bucket; `None`: no limit.
+    pub rate_per_source: Option<RatePerSource>,
     /// Source filter: a client in `deny` is refused; when `allow` is not empty, a client must
     /// also be in `allow`. Networks are stored with host bits clear.
     pub allow: Vec<ipnet::IpNet>,
     pub deny: Vec<ipnet::IpNet>,
     pub send_proxy: Option<ProxyProtocol>,
+    /// Every connection must start with a PROXY header (v1 or v2), whose client address
+    /// then stands for the connection's: a balancer in front tells who the client is.
+    pub accept_proxy: bool,
+    /// How long a client may take to send that header.
+    pub accept_proxy_timeout: Duration,
     pub health: HealthConfig,
 }
+
+/// A token bucket: `count` new connections per `per`, and up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RatePerSource {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+/// Unanswered keepalive probes after which the kernel declares a peer gone, so a vanished
+/// peer is noticed within `(1 + KEEPALIVE_PROBES) * tcp_keepalive` of silence.
+pub const KEEPALIVE_PROBES: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {

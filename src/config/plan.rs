@@ -39,6 +39,17 @@ pub(crate) fn render(config: &Config) -> String {
         "shutdown grace",
         &[dur(config.global.shutdown_grace)],
     );
+    let access_log = match &config.global.access_log {
+        None => "off".to_string(),
+        Some(path) => {
+            let format = match config.global.access_log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            };
+            format!("{} ({format}, reopened on SIGUSR1)", path.display())
+        }
+    };
+    row(&mut out, "access log", &[access_log]);
 
     let resolver = &config.resolver;
     line(&mut out, "\nresolver");
@@ -112,7 +123,39 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
         &[format!("timeout {}, {retries}", dur(s.connect_timeout))],
     );
     row(out, "idle timeout", &[dur(s.idle_timeout)]);
+    let keepalive = match s.tcp_keepalive {
+        None => "off".to_string(),
+        Some(every) => format!(
+            "probe after {} of silence, every {} after; peer gone after {} unanswered",
+            dur(every),
+            dur(every),
+            super::KEEPALIVE_PROBES
+        ),
+    };
+    row(out, "tcp keepalive", &[keepalive]);
     row(out, "max connections", &[s.max_connections.to_string()]);
+    let per_source = match (s.max_connections_per_source, s.rate_per_source) {
+        (None, None) => "no limit".to_string(),
+        (open, rate) => {
+            let mut parts = Vec::new();
+            if let Some(open) = open {
+                parts.push(format!("{open} open"));
+            }
+            if let Some(r) = rate {
+                parts.push(format!(
+                    "{} new per {} (burst {})",
+                    r.count,
+                    dur(r.per),
+                    r.burst
+                ));
+            }
+            format!(
+                "{} per source (IPv4 address or IPv6 /64); over it, closed at once",
+                parts.join(", ")
+            )
+        }
+    };
+    row(out, "per source", &[per_source]);
     row(out, "source filter", &[source_filter(s)]);
     let proxy = match s.send_proxy {
         None => "off",
@@ -120,6 +163,15 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
         Some(ProxyProtocol::V2) => "v2 (binary)",
     };
     row(out, "send PROXY", &[proxy.to_string()]);
+    let accept = if s.accept_proxy {
+        format!(
+            "required (v1 or v2), within {}; its client address stands for the connection's",
+            dur(s.accept_proxy_timeout)
+        )
+    } else {
+        "off".to_string()
+    };
+    row(out, "accept PROXY", &[accept]);
     let h = &s.health;
     row(
         out,

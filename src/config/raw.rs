@@ -28,6 +28,8 @@ pub(crate) struct RawGlobal {
     pub admin: Option<Text>,
     pub log_format: Option<Spanned<Scalar>>,
     pub shutdown_grace: Option<Spanned<Scalar>>,
+    pub access_log: Option<Text>,
+    pub access_log_format: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,11 +55,17 @@ pub(crate) struct RawService {
     pub hash_key: Option<Spanned<Scalar>>,
     pub connect_timeout: Option<Spanned<Scalar>>,
     pub idle_timeout: Option<Spanned<Scalar>>,
+    pub tcp_keepalive: Option<Spanned<Scalar>>,
     pub connect_retries: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_source: Option<Spanned<i64>>,
+    pub rate_per_source: Option<Spanned<Scalar>>,
+    pub rate_per_source_burst: Option<Spanned<i64>>,
     pub allow: Option<Vec<Text>>,
     pub deny: Option<Vec<Text>>,
     pub send_proxy: Option<Spanned<Scalar>>,
+    pub accept_proxy: Option<Spanned<Scalar>>,
+    pub accept_proxy_timeout: Option<Spanned<Scalar>>,
     pub health: Option<RawHealth>,
 }
 

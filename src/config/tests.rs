@@ -57,6 +57,8 @@ fn defaults_are_applied() {
             admin: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
+            access_log: None,
+            access_log_format: LogFormat::Text,
         }
     );
     assert_eq!(
@@ -79,11 +81,16 @@ fn defaults_are_applied() {
         hash_key: HashKey::ClientIp,
         connect_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(3600),
+        tcp_keepalive: Some(Duration::from_secs(30)),
         connect_retries: 2,
         max_connections: 10_000,
+        max_connections_per_source: None,
+        rate_per_source: None,
         allow: vec![],
         deny: vec![],
         send_proxy: None,
+        accept_proxy: false,
+        accept_proxy_timeout: Duration::from_secs(5),
         health: HealthConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(10),
@@ -101,6 +108,8 @@ fn every_key_is_read() {
 admin = "[::1]:9901"
 log_format = "json"
 shutdown_grace = "0s"
+access_log = "/var/log/srvlb/access.log"
+access_log_format = "json"
 [resolver]
 nameservers = ["10.0.0.53", "127.0.0.1:8600", "[::1]:5353", "::2", "[::3]"]
 timeout = "500ms"
@@ -115,11 +124,14 @@ balance = "p2c"
 hash_key = "client_ip_port"
 connect_timeout = "1s500ms"
 idle_timeout = "1h30m"
+tcp_keepalive = "75s"
 connect_retries = 0
 max_connections = 7
 allow = ["10.0.0.0/8", "192.0.2.7"]
 deny = ["2001:db8::/32"]
 send_proxy = "v1"
+accept_proxy = true
+accept_proxy_timeout = "750ms"
 [service.health]
 consecutive_failures = 1
 base_ejection = "1s"
@@ -129,6 +141,11 @@ max_ejected_percent = 100
     assert_eq!(config.global.admin, Some(addr("[::1]:9901")));
     assert_eq!(config.global.log_format, LogFormat::Json);
     assert_eq!(config.global.shutdown_grace, Duration::ZERO);
+    assert_eq!(
+        config.global.access_log.as_deref(),
+        Some(Path::new("/var/log/srvlb/access.log"))
+    );
+    assert_eq!(config.global.access_log_format, LogFormat::Json);
     let ns: Vec<SocketAddr> = [
         "10.0.0.53:53",
         "127.0.0.1:8600",
@@ -150,6 +167,7 @@ max_ejected_percent = 100
     );
     assert_eq!(s.connect_timeout, Duration::from_millis(1500));
     assert_eq!(s.idle_timeout, Duration::from_secs(5400));
+    assert_eq!(s.tcp_keepalive, Some(Duration::from_secs(75)));
     assert_eq!((s.connect_retries, s.max_connections), (0, 7));
     assert_eq!(
         s.allow,
@@ -160,6 +178,8 @@ max_ejected_percent = 100
     );
     assert_eq!(s.deny, vec!["2001:db8::/32".parse().unwrap()]);
     assert_eq!(s.send_proxy, Some(ProxyProtocol::V1));
+    assert!(s.accept_proxy);
+    assert_eq!(s.accept_proxy_timeout, Duration::from_millis(750));
     assert_eq!(s.health.consecutive_failures, 1);
     assert_eq!(s.health.max_ejected_percent, 100);
 }
@@ -355,6 +375,92 @@ fn bad_duration() {
     assert!(
         e.starts_with("t.toml:2:11: resolver.timeout: empty duration;"),
         "{e}"
+    );
+}
+
+#[test]
+fn tcp_keepalive_is_a_duration_or_a_switch() {
+    let keepalive = |line: &str| ok(&format!("{SERVICE}{line}")).services[0].tcp_keepalive;
+    assert_eq!(keepalive(""), Some(Duration::from_secs(30)));
+    assert_eq!(
+        keepalive("tcp_keepalive = true\n"),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(keepalive("tcp_keepalive = false\n"), None);
+    assert_eq!(
+        keepalive("tcp_keepalive = \"2m\"\n"),
+        Some(Duration::from_secs(120))
+    );
+    assert_eq!(
+        err(&format!("{SERVICE}tcp_keepalive = \"500ms\"\n")),
+        "t.toml:5:17: service \"pg\": tcp_keepalive: must be between 1s and 32767s, or false to turn it off"
+    );
+    assert!(
+        err(&format!("{SERVICE}tcp_keepalive = 30\n"))
+            .starts_with("t.toml:5:17: service \"pg\": tcp_keepalive: 30 has no unit;"),
+    );
+}
+
+#[test]
+fn accept_proxy_is_a_switch_with_a_timeout() {
+    assert_eq!(
+        err(&format!("{SERVICE}accept_proxy = \"yes\"\n")),
+        "t.toml:5:16: service \"pg\": accept_proxy: expected true or false, not \"yes\""
+    );
+    assert!(
+        err(&format!("{SERVICE}accept_proxy_timeout = \"0s\"\n"))
+            .starts_with("t.toml:5:24: service \"pg\": accept_proxy_timeout"),
+    );
+}
+
+#[test]
+fn per_source_limits() {
+    let c = ok(&format!(
+        "{SERVICE}max_connections_per_source = 20\nrate_per_source = \"50/s\"\n"
+    ));
+    let s = &c.services[0];
+    assert_eq!(s.max_connections_per_source, Some(20));
+    assert_eq!(
+        s.rate_per_source,
+        Some(RatePerSource {
+            count: 50,
+            per: Duration::from_secs(1),
+            burst: 50
+        })
+    );
+    let c = ok(&format!(
+        "{SERVICE}rate_per_source = \"100/10s\"\nrate_per_source_burst = 300\n"
+    ));
+    assert_eq!(
+        c.services[0].rate_per_source,
+        Some(RatePerSource {
+            count: 100,
+            per: Duration::from_secs(10),
+            burst: 300
+        })
+    );
+    assert!(
+        c.plan().contains("100 new per 10s (burst 300) per source"),
+        "{}",
+        c.plan()
+    );
+    assert!(
+        err(&format!("{SERVICE}rate_per_source = \"50\"\n"))
+            .starts_with("t.toml:5:19: service \"pg\": rate_per_source: \"50\" has no \"/\";"),
+    );
+    assert!(
+        err(&format!("{SERVICE}rate_per_source = \"0/s\"\n")).starts_with(
+            "t.toml:5:19: service \"pg\": rate_per_source: \"0\" is not a whole number"
+        ),
+    );
+    assert!(err(&format!("{SERVICE}rate_per_source = \"5/0s\"\n")).contains("the period is zero"),);
+    assert_eq!(
+        err(&format!("{SERVICE}rate_per_source_burst = 3\n")),
+        "t.toml:5:25: service \"pg\": rate_per_source_burst needs rate_per_source"
+    );
+    assert!(
+        err(&format!("{SERVICE}max_connections_per_source = 0\n"))
+            .starts_with("t.toml:5:30: service \"pg\": max_connections_per_source"),
     );
 }
 

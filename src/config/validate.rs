@@ -12,14 +12,14 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::error::{Problem, line_column};
-use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Text};
+use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text};
 use super::values::{
-    addresses, check_dns_name, duration_or, integer, nameserver, networks, nonzero, ordered,
-    socket_addr, word,
+    addresses, boolean, check_dns_name, duration_or, integer, nameserver, networks, nonzero,
+    ordered, socket_addr, word,
 };
 use super::{
     AddressFamily, Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol,
-    ResolverConfig, ServiceConfig,
+    RatePerSource, ResolverConfig, ServiceConfig,
 };
 
 const NO_SERVICES: &str =
@@ -136,10 +136,31 @@ fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Proble
         "",
         "global.shutdown_grace",
     )?;
+    let access_log = match &raw.access_log {
+        Some(text) if text.get_ref().is_empty() => {
+            return Err(Problem::at(
+                text.span(),
+                "global.access_log: empty path; leave the key out for no access log",
+            ));
+        }
+        Some(text) => Some(PathBuf::from(text.get_ref())),
+        None => None,
+    };
+    let access_log_format = match &raw.access_log_format {
+        Some(value) => word(
+            value,
+            "",
+            "global.access_log_format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?,
+        None => LogFormat::Text,
+    };
     let config = GlobalConfig {
         admin,
         log_format,
         shutdown_grace,
+        access_log,
+        access_log_format,
     };
     Ok((config, raw.admin.map(|a| a.span())))
 }
@@ -323,6 +344,7 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
     )?;
     // Zero would close every connection at once; there is no "disabled" meaning to give it.
     nonzero(idle_timeout, raw.idle_timeout.as_ref(), p, "idle_timeout")?;
+    let tcp_keepalive = keepalive(raw.tcp_keepalive.as_ref(), p)?;
     let connect_retries = integer(raw.connect_retries.as_ref(), 2, 0, p, "connect_retries")?;
     // u32 bounds the limit to what the connection semaphore can hold.
     let max_connections: u32 = integer(
@@ -333,6 +355,22 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         "max_connections",
     )?;
     let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
+    let max_connections_per_source = match &raw.max_connections_per_source {
+        Some(v) => Some(integer(Some(v), 1, 1, p, "max_connections_per_source")?),
+        None => None,
+    };
+    let rate_per_source = match &raw.rate_per_source {
+        Some(v) => Some(rate(v, raw.rate_per_source_burst.as_ref(), p)?),
+        None => {
+            if let Some(burst) = &raw.rate_per_source_burst {
+                return Err(Problem::at(
+                    burst.span(),
+                    format!("{p}rate_per_source_burst needs rate_per_source"),
+                ));
+            }
+            None
+        }
+    };
     let allow = networks(raw.allow.as_deref(), p, "allow")?;
     let deny = networks(raw.deny.as_deref(), p, "deny")?;
     let send_proxy = match &raw.send_proxy {
@@ -344,6 +382,19 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         )?),
         None => None,
     };
+    let accept_proxy = boolean(raw.accept_proxy.as_ref(), false, p, "accept_proxy")?;
+    let accept_proxy_timeout = duration_or(
+        raw.accept_proxy_timeout.as_ref(),
+        Duration::from_secs(5),
+        p,
+        "accept_proxy_timeout",
+    )?;
+    nonzero(
+        accept_proxy_timeout,
+        raw.accept_proxy_timeout.as_ref(),
+        p,
+        "accept_proxy_timeout",
+    )?;
     let health = health(raw.health.unwrap_or_default(), p)?;
 
     let service = ServiceConfig {
@@ -355,11 +406,16 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         hash_key,
         connect_timeout,
         idle_timeout,
+        tcp_keepalive,
         connect_retries,
         max_connections,
+        max_connections_per_source,
+        rate_per_source,
         allow,
         deny,
         send_proxy,
+        accept_proxy,
+        accept_proxy_timeout,
         health,
     };
     Ok(CheckedService {
@@ -367,6 +423,70 @@ fn service(raw: RawService, header: Range<usize>, index: usize) -> Result<Checke
         name_span,
         listen_spans,
     })
+}
+
+/// `rate_per_source = "N/s"` (or `/m`, `/h`, or `/` and a duration such as `"100/10s"`), with
+/// `rate_per_source_burst` (default N).
+fn rate(
+    value: &Spanned<Scalar>,
+    burst: Option<&Spanned<i64>>,
+    p: &str,
+) -> Result<RatePerSource, Problem> {
+    const HINT: &str = "expected a rate like \"50/s\", \"600/m\" or \"100/10s\"";
+    let bad = |why: String| Problem::at(value.span(), format!("{p}rate_per_source: {why}; {HINT}"));
+    let Scalar::Text(text) = value.get_ref() else {
+        return Err(bad(format!("{} is not a rate", value.get_ref())));
+    };
+    let Some((count, per)) = text.split_once('/') else {
+        return Err(bad(format!("{text:?} has no \"/\"")));
+    };
+    let count: u32 = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| {
+            bad(format!(
+                "{count:?} is not a whole number of connections >= 1"
+            ))
+        })?;
+    let per = match per.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => super::duration::parse_duration(other).map_err(&bad)?,
+    };
+    if per.is_zero() {
+        return Err(bad("the period is zero".to_string()));
+    }
+    let burst = match burst {
+        Some(b) => integer(Some(b), count, 1, p, "rate_per_source_burst")?,
+        None => count,
+    };
+    Ok(RatePerSource { count, per, burst })
+}
+
+/// `tcp_keepalive`: a duration (default 30s), `true` for the default, or `false` for off.
+fn keepalive(value: Option<&Spanned<Scalar>>, p: &str) -> Result<Option<Duration>, Problem> {
+    const DEFAULT: Duration = Duration::from_secs(30);
+    match value.map(Spanned::get_ref) {
+        None | Some(Scalar::Boolean(true)) => Ok(Some(DEFAULT)),
+        Some(Scalar::Boolean(false)) => Ok(None),
+        Some(_) => {
+            let interval = duration_or(value, DEFAULT, p, "tcp_keepalive")?;
+            // The kernel counts keepalive time in whole seconds, from 1 to 32767.
+            if interval < Duration::from_secs(1) || interval > Duration::from_secs(32_767) {
+                let span = value.map(Spanned::span).unwrap_or(0..0);
+                return Err(Problem::at(
+                    span,
+                    format!(
+                        "{p}tcp_keepalive: must be between 1s and 32767s, or false to turn it off"
+                    ),
+                ));
+            }
+            Ok(Some(interval))
+        }
+    }
 }
 
 fn service_name(

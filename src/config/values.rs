@@ -35,6 +35,23 @@ pub(crate) fn duration_or(
     ))
 }
 
+/// A `true`/`false` key.
+pub(crate) fn boolean(
+    value: Option<&Spanned<Scalar>>,
+    default: bool,
+    p: &str,
+    key: &str,
+) -> Result<bool, Problem> {
+    match value.map(|v| (v.get_ref(), v.span())) {
+        None => Ok(default),
+        Some((Scalar::Boolean(b), _)) => Ok(*b),
+        Some((other, span)) => Err(Problem::at(
+            span,
+            format!("{p}{key}: expected true or false, not {other}"),
+        )),
+    }
+}
+
 pub(crate) fn nonzero(
     duration: Duration,
     value: Option<&Spanned<Scalar>>,

@@ -912,30 +912,14 @@ mod tests {
         // Never queried: the tests below feed answers straight to `accept_answer`.
         cfg.nameservers = vec!["127.0.0.1:9".parse().expect("addr")];
         let resolver = Arc::new(build_resolver(&cfg).expect("resolver"));
-        let mut service = ServiceConfig {
-            name: "svc".to_owned(),
-            listen: vec!["127.0.0.1:1".parse().expect("addr")],
-            srv: Some("_x._tcp.test.".to_owned()),
-            static_backends: Vec::new(),
-            balance: crate::config::Balance::Maglev,
-            hash_key: crate::config::HashKey::ClientIp,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(60),
-            connect_retries: 2,
-            max_connections: 10,
-            allow: Vec::new(),
-            deny: Vec::new(),
-            send_proxy: None,
-            health: crate::config::HealthConfig {
-                consecutive_failures: 3,
-                base_ejection: Duration::from_secs(10),
-                max_ejection: Duration::from_secs(60),
-                max_ejected_percent: 50,
-            },
-        };
-        service.srv = Some("_x._tcp.test.".to_owned());
+        let config = crate::config::Config::parse(
+            "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:1\"]\nsrv = \"_x._tcp.test.\"\n",
+            "t.toml",
+        )
+        .expect("config");
+        let service = &config.services[0];
         Discovery::new(
-            &service,
+            service,
             resolver,
             watch::channel(cfg).1,
             Arc::clone(pool),

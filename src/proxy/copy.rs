@@ -5,9 +5,10 @@
 //! userspace copy does. Either way pipes and buffers are taken only while bytes are in
 //! flight, so an idle connection holds none.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -16,8 +17,12 @@ use tokio::net::TcpStream;
 
 use crate::health::now_ms;
 
-/// Size of the buffer a direction borrows while it has bytes to move.
-const BUFFER_SIZE: usize = 64 * 1024;
+/// Size of the buffer a direction borrows while it has bytes to move, when splice takes
+/// over bulk: a read that fills it switches the direction to splice, and a spliced read
+/// smaller than it switches back.
+pub(crate) const SMALL_BUFFER: usize = 16 * 1024;
+/// Size of that buffer when the userspace copy is all there is (splice off or refused).
+const BULK_BUFFER: usize = 64 * 1024;
 
 /// Which leg of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,8 @@ pub enum End {
     Reset(Side, io::ErrorKind),
     /// Nothing moved for the idle timeout.
     IdleTimeout,
+    /// srvlb ended the connection itself: the shutdown grace elapsed.
+    Shutdown,
 }
 
 impl End {
@@ -52,6 +59,7 @@ impl End {
             End::Closed => "closed".to_owned(),
             End::Reset(side, kind) => format!("{}_reset({kind:?})", side.label()),
             End::IdleTimeout => "idle_timeout".to_owned(),
+            End::Shutdown => "shutdown".to_owned(),
         }
     }
 }
@@ -66,6 +74,96 @@ pub struct Transfer {
     /// When (`now_ms`) that first FIN or reset was seen.
     pub first_finish_at: Option<u64>,
     pub end: End,
+    /// srvlb ended the connection itself (idle timeout, shutdown) with bytes still pending,
+    /// so both sides were reset rather than closed cleanly: a clean FIN would let a peer
+    /// take a cut stream for a complete one.
+    pub cut_pending: bool,
+}
+
+impl Transfer {
+    /// A connection that failed before any byte moved (writing the PROXY header): the
+    /// backend's fault, as far as anyone can tell.
+    pub fn failed_before_data(kind: io::ErrorKind) -> Transfer {
+        Transfer {
+            client_to_backend: 0,
+            backend_to_client: 0,
+            first_to_finish: Some(Side::Backend),
+            first_finish_at: Some(now_ms()),
+            end: End::Reset(Side::Backend, kind),
+            cut_pending: false,
+        }
+    }
+}
+
+/// One direction's progress, shared by its pump and the connection's idle watch.
+///
+/// Any progress, however small (a partial write, a few bytes read), moves the idle clock:
+/// a slow reader draining a large response a few KiB at a time is active, not idle.
+pub(crate) struct Progress<'a> {
+    last_activity: &'a AtomicU64,
+    /// How often a pump blocked on a full destination tries the write again although the
+    /// kernel has not said "writable": it says so only once a third of the send buffer is
+    /// free, which a slow but steady reader may take longer than the idle timeout to free.
+    /// A quarter of the idle timeout, so progress is seen well before the clock runs out.
+    probe_every: Duration,
+    /// True while the pump holds bytes taken from the source and not yet all written to
+    /// the destination (in its buffer or pipe).
+    holding: AtomicBool,
+}
+
+impl<'a> Progress<'a> {
+    pub(crate) fn new(last_activity: &'a AtomicU64, idle: Duration) -> Progress<'a> {
+        Progress {
+            last_activity,
+            probe_every: (idle / 4).max(Duration::from_millis(10)),
+            holding: AtomicBool::new(false),
+        }
+    }
+
+    /// Resolves when `to` is writable, or when it is time to probe it anyway, and then
+    /// writes with `write`. A write after tokio's wake-up goes through `try_io`, so EAGAIN
+    /// clears tokio's readiness flag (else the next wait would return at once and spin); a
+    /// probe writes past that flag, which stays "not writable" until the kernel's next
+    /// wake-up, and its EAGAIN changes nothing.
+    pub(crate) async fn write_when_ready(
+        &self,
+        to: &TcpStream,
+        mut write: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        // Right after a read the destination is nearly always writable: try at once, and
+        // make a probe timer only when it is not (a timer per write cost more than the write).
+        match to.try_io(Interest::WRITABLE, &mut write) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        let woken = tokio::select! {
+            biased;
+            ready = to.writable() => {
+                ready?;
+                true
+            }
+            () = tokio::time::sleep(self.probe_every) => false,
+        };
+        if woken {
+            to.try_io(Interest::WRITABLE, write)
+        } else {
+            write()
+        }
+    }
+
+    /// Bytes moved (read from the source or written to the destination).
+    pub(crate) fn touch(&self) {
+        self.last_activity.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes were taken from the source (`true`) or all handed to the destination (`false`).
+    pub(crate) fn set_holding(&self, holding: bool) {
+        self.holding.store(holding, Ordering::Relaxed);
+    }
+
+    fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
+    }
 }
 
 enum PumpError {
@@ -73,12 +171,17 @@ enum PumpError {
     Write(io::Error),
 }
 
-/// Proxies until both directions are done, one side resets, or nothing moves for `idle`.
-/// On a reset, both sockets are set to reset on close (SO_LINGER 0); the caller drops them.
+/// Proxies until both directions are done, one side resets, nothing moves for `idle`, or
+/// `cut` resolves (the shutdown grace elapsed). On a reset, both sockets are set to reset on
+/// close (SO_LINGER 0); the caller drops them. When srvlb itself ends the connection (idle
+/// timeout, `cut`) while bytes are still pending in either direction, both sides are reset
+/// too, so neither can mistake the cut stream for a complete one; with nothing pending they
+/// get a clean FIN.
 pub async fn proxy_streams(
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
+    cut: impl Future<Output = ()>,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
 ) -> Transfer {
     #[cfg(target_os = "linux")]
@@ -91,11 +194,13 @@ pub async fn proxy_streams(
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
+    let up_progress = Progress::new(&last_activity, idle);
+    let down_progress = Progress::new(&last_activity, idle);
     let c2b = pump(
         client,
         backend,
         &up,
-        &last_activity,
+        &up_progress,
         Side::Client,
         on_bytes,
         pipes,
@@ -104,14 +209,14 @@ pub async fn proxy_streams(
         backend,
         client,
         &down,
-        &last_activity,
+        &down_progress,
         Side::Backend,
         on_bytes,
         pipes,
     );
     tokio::pin!(c2b, b2c);
     let idle_expired = idle_watch(&last_activity, idle);
-    tokio::pin!(idle_expired);
+    tokio::pin!(idle_expired, cut);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
     let mut first_to_finish: Option<(Side, u64)> = None;
@@ -143,12 +248,18 @@ pub async fn proxy_streams(
                 break fail(Side::Backend, e, &mut first_to_finish)
             }
             () = &mut idle_expired => break End::IdleTimeout,
+            () = &mut cut => break End::Shutdown,
         }
         if c2b_done && b2c_done {
             break End::Closed;
         }
     };
-    if matches!(end, End::Reset(..)) {
+    let cut_pending = matches!(end, End::IdleTimeout | End::Shutdown)
+        && (up_progress.is_holding()
+            || down_progress.is_holding()
+            || unread(client)
+            || unread(backend));
+    if matches!(end, End::Reset(..)) || cut_pending {
         reset_on_close(client);
         reset_on_close(backend);
     }
@@ -158,7 +269,14 @@ pub async fn proxy_streams(
         first_to_finish: first_to_finish.map(|(side, _)| side),
         first_finish_at: first_to_finish.map(|(_, at)| at),
         end,
+        cut_pending,
     }
+}
+
+/// True when the kernel holds bytes from `stream`'s peer that srvlb has not read yet (or
+/// when that cannot be told: erring towards a reset never passes a cut stream off as whole).
+fn unread(stream: &TcpStream) -> bool {
+    rustix::io::ioctl_fionread(stream).map_or(true, |n| n > 0)
 }
 
 fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
@@ -205,68 +323,126 @@ struct PipePool;
 #[cfg(target_os = "linux")]
 static NO_PIPE_LOG: super::LogThrottle = super::LogThrottle::new(Duration::from_secs(1));
 
+/// How a pump moves its bytes right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through a small userspace buffer: for small messages, where a read and a write (two
+    /// syscalls) beat splicing in and out of a pipe (at least three, one of them EAGAIN).
+    Buffer,
+    /// socket -> pipe -> socket with splice(2): for bulk, once a read filled the buffer.
+    Splice,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     counter: &AtomicU64,
-    last_activity: &AtomicU64,
+    progress: &Progress<'_>,
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
 ) -> Result<(), PumpError> {
+    let moved = |n: u64| {
+        counter.fetch_add(n, Ordering::Relaxed);
+        on_bytes(side, n);
+    };
+    // Splice pays for bulk only (HAProxy's splice-auto): a direction starts with the small
+    // buffer and switches to splice when a read fills it; splice hands back once a burst's
+    // reads come in small again. Without splice, the buffer is the bulk size.
     #[cfg(target_os = "linux")]
-    if splice_enabled() {
-        use super::splice::{SpliceEnd, splice_direction};
-        let mut moved = |n: u64| {
-            counter.fetch_add(n, Ordering::Relaxed);
-            on_bytes(side, n);
-            last_activity.store(now_ms(), Ordering::Relaxed);
-        };
-        match splice_direction(from, to, pipes, &mut moved).await {
-            SpliceEnd::Eof => return pass_fin(to),
-            SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
-            SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
-            // Refused before any byte moved: the userspace copy below takes over.
-            SpliceEnd::Unsupported => {}
-            // Out of descriptors for a pipe, with nothing in flight: the copy below needs
-            // none, so the connection keeps working (for the rest of this direction).
-            SpliceEnd::NoPipe(e) => {
-                if let Some(suppressed) = NO_PIPE_LOG.permit() {
-                    tracing::warn!(
-                        error = %e,
-                        suppressed,
-                        "no pipe for splice (out of descriptors?); copying in user space"
-                    );
-                }
-            }
-        }
-    }
+    let mut splice_allowed = splice_enabled();
+    #[cfg(not(target_os = "linux"))]
+    let splice_allowed = false;
+    let buffer_size = if splice_allowed {
+        SMALL_BUFFER
+    } else {
+        BULK_BUFFER
+    };
+    let mut mode = Mode::Buffer;
     // Taken when the source is readable and given back when it is drained, so an idle
     // connection holds no buffer. It is allocated without zeroing (the kernel writes the
-    // bytes we read, and only those are used): a 64 KiB allocation is a cheap free-list
-    // take, while zeroing it was a 64 KiB memset each time the socket drained, which in a
+    // bytes we read, and only those are used): an allocation is a cheap free-list take,
+    // while zeroing it was a memset each time the socket drained, which in a
     // request/response protocol is nearly every request.
     let mut buffer: Option<Vec<u8>> = None;
     loop {
+        #[cfg(target_os = "linux")]
+        if mode == Mode::Splice {
+            use super::splice::{SpliceEnd, splice_direction};
+            match splice_direction(from, to, pipes, progress, &mut |n| moved(n)).await {
+                SpliceEnd::Eof => return pass_fin(to),
+                SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
+                SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
+                // The burst is over (a read came in small): back to the buffer.
+                SpliceEnd::Small => {}
+                // Refused before any byte moved: copy in user space from now on.
+                SpliceEnd::Unsupported => splice_allowed = false,
+                // Out of descriptors for a pipe, with nothing in flight: the copy needs
+                // none, so the connection keeps working (copying, for the rest of this
+                // direction).
+                SpliceEnd::NoPipe(e) => {
+                    splice_allowed = false;
+                    if let Some(suppressed) = NO_PIPE_LOG.permit() {
+                        tracing::warn!(
+                            error = %e,
+                            suppressed,
+                            "no pipe for splice (out of descriptors?); copying in user space"
+                        );
+                    }
+                }
+            }
+            mode = Mode::Buffer;
+            continue;
+        }
         from.readable().await.map_err(PumpError::Read)?;
-        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(BUFFER_SIZE));
+        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
         buf.clear();
-        // Reads into the spare capacity (never 0 bytes of room, so Ok(0) is EOF).
-        match from.try_read_buf(buf) {
+        match read_some(from, buf) {
             Ok(0) => return pass_fin(to),
             Ok(n) => {
-                write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
-                let n = n as u64;
-                counter.fetch_add(n, Ordering::Relaxed);
-                on_bytes(side, n);
-                last_activity.store(now_ms(), Ordering::Relaxed);
+                progress.set_holding(true);
+                progress.touch();
+                write_all_progress(to, &buf[..n], Some(progress))
+                    .await
+                    .map_err(PumpError::Write)?;
+                progress.set_holding(false);
+                moved(n as u64);
+                if n < buf.capacity() {
+                    // Drained (see `read_some`): give the buffer back so an idle connection
+                    // holds no memory.
+                    buffer = None;
+                } else if splice_allowed {
+                    buffer = None;
+                    mode = Mode::Splice;
+                }
             }
-            // Drained: give the buffer back so an idle connection holds no memory.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(PumpError::Read(e)),
         }
+    }
+}
+
+/// Reads what `from` has into `buf`'s spare capacity (never 0 bytes of room, so `Ok(0)` is
+/// EOF). A read that returns less than the room it had drained the socket: tokio is told so
+/// (as its own `poll_read` does), so the next wait for readability sleeps until new bytes
+/// arrive instead of costing a read that only returns EAGAIN. New bytes arriving after the
+/// read raise a new readiness event that this does not clear.
+fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = rustix::io::read(from, rustix::buffer::spare_capacity(&mut *buf))?;
+        got = n;
+        if n > 0 && n < room {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
     }
 }
 
@@ -289,12 +465,37 @@ fn splice_enabled() -> bool {
 }
 
 /// Writes all of `data` to a stream shared by reference.
-pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
+    write_all_progress(to, data, None).await
+}
+
+/// [`write_all`], telling `progress` about every partial write.
+async fn write_all_progress(
+    to: &TcpStream,
+    mut data: &[u8],
+    progress: Option<&Progress<'_>>,
+) -> io::Result<()> {
     while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
+        let written = match progress {
+            None => {
+                to.writable().await?;
+                to.try_write(data)
+            }
+            // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
+            Some(progress) => {
+                progress
+                    .write_when_ready(to, || SockRef::from(to).send(data))
+                    .await
+            }
+        };
+        match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                if let Some(progress) = progress {
+                    progress.touch();
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -330,6 +531,63 @@ mod tests {
         (a.expect("connect"), b.expect("accept").0)
     }
 
+    /// Small messages go through the buffer and never take a pipe; a bulk transfer switches
+    /// to splice (a read filled the buffer), and every byte still arrives in order.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn splice_only_for_bulk() {
+        if !splice_enabled() {
+            return; // SRVLB_SPLICE=0: nothing is spliced at all.
+        }
+        let (mut client, near) = pair().await;
+        let (far, mut reader) = pair().await;
+        let pipes = PipePool::new();
+        let counter = AtomicU64::new(0);
+        let last = AtomicU64::new(0);
+        let progress = Progress::new(&last, Duration::from_secs(60));
+        let pumped = pump(
+            &near,
+            &far,
+            &counter,
+            &progress,
+            Side::Client,
+            &|_, _| {},
+            &pipes,
+        );
+        let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let drive = async {
+            let mut got = Vec::new();
+            for i in 0..50u8 {
+                client.write_all(&[i; 10]).await.expect("write");
+                let mut msg = [0u8; 10];
+                reader.read_exact(&mut msg).await.expect("read");
+                got.extend_from_slice(&msg);
+            }
+            let small_pipes = pipes.created();
+            client.write_all(&bulk).await.expect("bulk");
+            client.shutdown().await.expect("fin");
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).await.expect("read bulk");
+            (got, small_pipes, rest)
+        };
+        let limit = Duration::from_secs(20);
+        let (end, (got, small_pipes, rest)) =
+            tokio::time::timeout(limit, async { tokio::join!(pumped, drive) })
+                .await
+                .expect("the transfer finished");
+        assert!(end.is_ok(), "the direction failed");
+        let expected: Vec<u8> = (0..50u8).flat_map(|i| [i; 10]).collect();
+        assert_eq!(got, expected, "small messages arrived changed");
+        assert!(
+            rest == bulk,
+            "bulk bytes differ ({} of {})",
+            rest.len(),
+            bulk.len()
+        );
+        assert_eq!(small_pipes, 0, "small messages took a pipe");
+        assert!(pipes.created() >= 1, "the bulk transfer was never spliced");
+    }
+
     /// Out of descriptors for a pipe, a direction copies in user space instead of failing.
     #[cfg(target_os = "linux")]
     #[tokio::test]
@@ -348,12 +606,13 @@ mod tests {
         let pipes = PipePool::exhausted();
         let counter = AtomicU64::new(0);
         let last = AtomicU64::new(0);
+        let progress = Progress::new(&last, Duration::from_secs(60));
         let pumped = async {
             let end = pump(
                 &near,
                 &far,
                 &counter,
-                &last,
+                &progress,
                 Side::Client,
                 &|_, _| {},
                 &pipes,

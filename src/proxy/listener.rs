@@ -16,15 +16,16 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use super::{LogThrottle, serve_client};
+use super::{LogThrottle, serve_client, set_keepalive};
 use crate::service::Service;
 
 /// Kernel accept queue length; the kernel caps it at net.core.somaxconn.
 const BACKLOG: i32 = 4096;
 
 /// Binds a listening socket the way a long-running proxy needs it: SO_REUSEADDR so a restart
-/// does not wait for TIME_WAIT, SO_REUSEPORT so several acceptors can share a port, and
-/// IPV6_V6ONLY on IPv6 so "0.0.0.0:P" and "[::]:P" can both be listed.
+/// does not wait for TIME_WAIT, SO_REUSEPORT so several acceptors can share a port,
+/// IPV6_V6ONLY on IPv6 so "0.0.0.0:P" and "[::]:P" can both be listed, and TCP_NODELAY for
+/// the accepted sockets to inherit.
 ///
 /// SO_REUSEPORT only lets a bind succeed next to sockets that also set it and belong to the
 /// same user, so a reload still fails on a port held by any other program. It is what lets a
@@ -40,6 +41,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Inherited by every accepted socket: one syscall here instead of one per client.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -51,14 +54,38 @@ pub struct ConnectionTracker {
     inner: Arc<TrackerInner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TrackerInner {
     open: AtomicUsize,
     idle: Notify,
+    /// Set once the shutdown grace has elapsed: every open connection ends now.
+    cut: watch::Sender<bool>,
+}
+
+impl Default for TrackerInner {
+    fn default() -> TrackerInner {
+        TrackerInner {
+            open: AtomicUsize::new(0),
+            idle: Notify::new(),
+            cut: watch::Sender::new(false),
+        }
+    }
 }
 
 /// Held by a connection task; the count drops when it ends, however it ends.
 pub struct Tracked(Arc<TrackerInner>);
+
+impl Tracked {
+    /// Resolves when the connection must end now (the shutdown grace elapsed).
+    pub async fn cut(&self) {
+        let mut cut = self.0.cut.subscribe();
+        // Err only if the sender is gone, which cannot happen while `self` holds it; treat it
+        // as "never".
+        if cut.wait_for(|cut| *cut).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 impl Drop for Tracked {
     fn drop(&mut self) {
@@ -76,6 +103,12 @@ impl ConnectionTracker {
 
     pub fn open(&self) -> usize {
         self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Tells every open connection to end now. Each ends in its own task: with a reset
+    /// when bytes were still in flight, else with a clean close.
+    pub fn cut_all(&self) {
+        self.inner.cut.send_replace(true);
     }
 
     /// Resolves once no connection is open.
@@ -180,10 +213,19 @@ async fn accept_loop(
 ) {
     let addr = listener.local_addr().ok();
     let mut backoff = AcceptBackoff::default();
+    let mut keepalive_set = None;
     loop {
         // Marked seen before the load, so a swap after the load is never missed.
         swapped.borrow_and_update();
         let service = slot.load_full();
+        // Accepted sockets inherit the listener's keepalive; a reload may change it.
+        let keepalive = service.config().tcp_keepalive;
+        if keepalive_set != Some(keepalive) {
+            if let Err(e) = set_keepalive((&listener).into(), keepalive) {
+                warn!(listener = ?addr, error = %e, "cannot set TCP keepalive on the listener");
+            }
+            keepalive_set = Some(keepalive);
+        }
         // On a swap, start over: the permit must come from the limit of the service that
         // will serve the connection (when the name stays, that is the same, resized, limit).
         let permit = tokio::select! {
@@ -213,8 +255,7 @@ async fn accept_loop(
                 let tracked = tracker.track();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let _tracked = tracked;
-                    serve_client(service, stream, peer).await;
+                    serve_client(service, stream, peer, tracked).await;
                 });
             }
             Err(e) => {
@@ -272,8 +313,7 @@ fn drain_backlog(
         let tracked = tracker.track();
         tokio::spawn(async move {
             let _permit = permit;
-            let _tracked = tracked;
-            serve_client(service, stream, peer).await;
+            serve_client(service, stream, peer, tracked).await;
         });
     }
     drained
@@ -325,6 +365,39 @@ mod tests {
 
     fn os_error(code: i32) -> io::Error {
         io::Error::from_raw_os_error(code)
+    }
+
+    /// The client leg's TCP_NODELAY and keepalive are set once on the listener; this holds
+    /// only because accepted sockets inherit them, which this checks on the running kernel.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let every = Duration::from_secs(7);
+        set_keepalive((&listener).into(), Some(every)).expect("keepalive");
+        let addr = listener.local_addr().expect("addr");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        listener.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = listener.accept().expect("accept");
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(
+            sock.tcp_nodelay().expect("nodelay"),
+            "TCP_NODELAY not inherited"
+        );
+        assert!(
+            sock.keepalive().expect("keepalive"),
+            "SO_KEEPALIVE not inherited"
+        );
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), every);
+        assert_eq!(sock.tcp_keepalive_interval().expect("interval"), every);
+        assert_eq!(
+            sock.tcp_keepalive_retries().expect("probes"),
+            crate::config::KEEPALIVE_PROBES
+        );
+        set_keepalive((&listener).into(), None).expect("off");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(!sock.keepalive().expect("keepalive"), "keepalive still on");
     }
 
     #[test]

@@ -12,6 +12,8 @@ use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::copy::{Progress, SMALL_BUFFER};
+
 /// Bytes moved per splice call. A pipe holds 64 KiB by default (16 pages); asking for more
 /// than that per call gains nothing.
 const CHUNK: usize = 64 * 1024;
@@ -114,6 +116,9 @@ pub enum SpliceEnd {
     Write(io::Error),
     /// The kernel refused splice for these sockets before any byte moved: copy instead.
     Unsupported,
+    /// A read moved less than the small buffer holds (`copy::SMALL_BUFFER`): the burst is over and the messages are
+    /// small again, which the caller's buffer moves with fewer syscalls. The pipe is empty.
+    Small,
     /// No pipe could be had (out of descriptors). Pipes are taken only before a read, so
     /// nothing is in flight: the caller continues with the userspace copy, which needs no
     /// descriptor, instead of failing a healthy connection.
@@ -125,12 +130,15 @@ fn unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(22 | 38))
 }
 
-/// Moves bytes from `from` to `to` until `from` sends FIN or either side fails. `moved` is
-/// called with each chunk's size after it reached `to`.
-pub async fn splice_direction(
+/// Moves bytes from `from` to `to` until `from` sends FIN, either side fails, or a read comes
+/// in small (`Small`: the burst is over). `moved` is
+/// called with each chunk's size after it reached `to`; `progress` hears of every partial
+/// move and of bytes held in the pipe.
+pub(crate) async fn splice_direction(
     from: &TcpStream,
     to: &TcpStream,
     pool: &PipePool,
+    progress: &Progress<'_>,
     moved: &mut (dyn FnMut(u64) + Send),
 ) -> SpliceEnd {
     let mut total: u64 = 0;
@@ -159,8 +167,14 @@ pub async fn splice_direction(
                 return SpliceEnd::Eof;
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Spurious wake-up: nothing to read after all; the pipe is still empty.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                // Spurious wake-up (nothing to read after all) or a signal before any byte
+                // moved: the pipe is still empty.
                 pool.give(pipe);
                 continue;
             }
@@ -174,31 +188,43 @@ pub async fn splice_direction(
             }
         };
         let chunk = in_pipe as u64;
+        progress.set_holding(true);
+        progress.touch();
         while in_pipe > 0 {
-            if let Err(e) = to.writable().await {
-                // The pipe still holds bytes: drop it rather than pool it.
-                return SpliceEnd::Write(e);
-            }
-            let drained = to.try_io(Interest::WRITABLE, || {
-                splice(
-                    &pipe.read,
-                    None,
-                    to,
-                    None,
-                    in_pipe,
-                    SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
-                )
-                .map_err(io::Error::from)
-            });
+            // A slow reader's progress is seen by probing too (see `Progress`).
+            let drained = progress
+                .write_when_ready(to, || {
+                    splice(
+                        &pipe.read,
+                        None,
+                        to,
+                        None,
+                        in_pipe,
+                        SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+                    )
+                    .map_err(io::Error::from)
+                })
+                .await;
             match drained {
-                Ok(n) => in_pipe -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => {
+                    in_pipe -= n;
+                    progress.touch();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return SpliceEnd::Write(e),
             }
         }
+        progress.set_holding(false);
         pool.give(pipe);
         total += chunk;
         moved(chunk);
+        if chunk < SMALL_BUFFER as u64 {
+            return SpliceEnd::Small;
+        }
     }
 }
 
@@ -207,6 +233,10 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    fn idle_clock() -> AtomicU64 {
+        AtomicU64::new(0)
+    }
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -221,6 +251,8 @@ mod tests {
         let (mut client, a_near) = pair().await;
         let (b_near, mut reader) = pair().await;
         let pool = PipePool::new();
+        let clock = idle_clock();
+        let progress = Progress::new(&clock, std::time::Duration::from_secs(60));
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {
@@ -234,7 +266,16 @@ mod tests {
             got
         };
         let splice_then_fin = async {
-            let end = splice_direction(&a_near, &b_near, &pool, &mut |n| counted += n).await;
+            // A small read ends a burst; the pump would copy it and come back. Here the
+            // direction is simply spliced again until the end.
+            let end = loop {
+                match splice_direction(&a_near, &b_near, &pool, &progress, &mut |n| counted += n)
+                    .await
+                {
+                    SpliceEnd::Small => continue,
+                    end => break end,
+                }
+            };
             socket2::SockRef::from(&b_near)
                 .shutdown(std::net::Shutdown::Write)
                 .expect("shutdown");
@@ -260,7 +301,9 @@ mod tests {
         let (b_near, _reader) = pair().await;
         client.write_all(b"queued").await.expect("write");
         let pool = PipePool::exhausted();
-        let end = splice_direction(&a_near, &b_near, &pool, &mut |_| {}).await;
+        let clock = idle_clock();
+        let progress = Progress::new(&clock, std::time::Duration::from_secs(60));
+        let end = splice_direction(&a_near, &b_near, &pool, &progress, &mut |_| {}).await;
         assert!(matches!(end, SpliceEnd::NoPipe(_)), "{end:?}");
         // The bytes are still in the socket for the copy to take.
         let mut buf = [0u8; 16];
@@ -277,7 +320,9 @@ mod tests {
             .expect("linger");
         drop(client);
         let pool = PipePool::new();
-        let end = splice_direction(&a_near, &b_near, &pool, &mut |_| {}).await;
+        let clock = idle_clock();
+        let progress = Progress::new(&clock, std::time::Duration::from_secs(60));
+        let end = splice_direction(&a_near, &b_near, &pool, &progress, &mut |_| {}).await;
         assert!(
             matches!(&end, SpliceEnd::Read(e) if e.kind() == io::ErrorKind::ConnectionReset),
             "{end:?}"

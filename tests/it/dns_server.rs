@@ -1,8 +1,8 @@
-//! Tests of the in-process DNS server in `tests/support/dns.rs`, through the same
+//! Tests of the in-process DNS server in `tests/it/support/dns.rs`, through the same
 //! hickory-resolver 0.26 client that discovery uses, plus raw UDP for the
 //! truncation rules a resolver would hide.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;

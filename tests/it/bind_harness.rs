@@ -1,9 +1,9 @@
-//! Tests of the bind9 harness itself (tests/support/bind.rs): a real `named` starts,
+//! Tests of the bind9 harness itself (tests/it/support/bind.rs): a real `named` starts,
 //! answers, takes dynamic updates, goes down, comes back with its updates, and cleans up.
 //! Queries go through `dig` so that the harness is checked independently of srvlb's own
 //! resolver code.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Instant;

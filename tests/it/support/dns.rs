@@ -24,7 +24,7 @@
 //!   whose A record is not ready.
 //! - [`TestDns::set_delay`] holds every answer back for a while: a slow server.
 //!
-//! Included both as `tests/support/dns.rs` and via `#[path]` from the demo, so it
+//! Included both as `tests/it/support/dns.rs` and via `#[path]` from the demo, so it
 //! depends on crates only, never on sibling support modules.
 
 // Each user only calls part of the API; the rest must not warn.

@@ -30,7 +30,6 @@
 //!   port 53 after each update, i.e. to whatever happens to listen there.
 //! * When the port is taken `named` exits ("unable to listen on any configured
 //!   interfaces"); [`Named::start`] then retries on a fresh port.
-#![allow(dead_code)]
 
 use std::fs;
 use std::io::{self, Write};
@@ -122,11 +121,6 @@ impl Named {
     /// The server's address: 127.0.0.1 and its port, UDP and TCP.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
-    }
-
-    /// The zone served, with trailing dot.
-    pub fn zone(&self) -> &str {
-        &self.zone
     }
 
     /// The server's temp directory (config, zone file, journal, log).

@@ -4,7 +4,7 @@
 //! generous for a loaded 2-core box, and the behaviour asserted would take far longer (or
 //! never happen) without the fix each test guards.
 
-mod support;
+use crate::support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -343,4 +343,258 @@ fn a_connect_in_flight_counts_as_active_until_it_fails() {
         0,
         "a failed connect was counted as a connection"
     );
+}
+
+// ---- slow readers: no silent truncation ----
+
+/// The environment of each data path: splice (the default on Linux) and the userspace copy.
+const DATA_PATHS: [(&str, &[(&str, &str)]); 2] =
+    [("splice", &[]), ("copy", &[("SRVLB_SPLICE", "0")])];
+
+/// Byte `i` of every test stream.
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// A backend that, for each client, streams `total` pattern bytes and then closes cleanly.
+/// Write errors (srvlb resetting it) end that stream; nothing else is reported.
+fn streaming_backend(total: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let block: Vec<u8> = (0..251 * 256).map(pattern).collect();
+                let mut sent = 0;
+                while sent < total {
+                    let n = block.len().min(total - sent);
+                    if stream.write_all(&block[..n]).is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+                let _ = stream.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// How a client's read of a stream ended.
+#[derive(Debug)]
+enum StreamEnd {
+    /// A clean EOF after this many bytes.
+    Eof(usize),
+    /// An error after this many bytes.
+    Error(usize, ErrorKind),
+}
+
+/// Reads `client` to its end, checking every byte against the pattern; `pace` decides how
+/// much to read next, and how long to wait before, given the bytes read so far.
+fn read_stream(client: &mut TcpStream, pace: impl FnMut(usize) -> (usize, Duration)) -> StreamEnd {
+    read_stream_from(client, 0, pace)
+}
+
+/// [`read_stream`] after the first `got` bytes of the stream were read already.
+fn read_stream_from(
+    client: &mut TcpStream,
+    mut got: usize,
+    mut pace: impl FnMut(usize) -> (usize, Duration),
+) -> StreamEnd {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let (want, wait) = pace(got);
+        thread::sleep(wait);
+        let want = want.clamp(1, buf.len());
+        match client.read(&mut buf[..want]) {
+            Ok(0) => return StreamEnd::Eof(got),
+            Ok(n) => {
+                for (k, b) in buf[..n].iter().enumerate() {
+                    assert_eq!(*b, pattern(got + k), "byte {} is wrong", got + k);
+                }
+                got += n;
+            }
+            Err(e) => return StreamEnd::Error(got, e.kind()),
+        }
+    }
+}
+
+/// A client that stops reading while a backend streams to it: srvlb ends the connection at
+/// the idle timeout, and since bytes were still pending it must reset both legs. Before the
+/// fix the client got a clean EOF after a few MiB of 64 MiB, and could not tell that most of
+/// the stream was missing.
+#[test]
+fn a_stalled_reader_gets_a_reset_never_a_short_clean_eof() {
+    const TOTAL: usize = 64 << 20;
+    for (path, env) in DATA_PATHS {
+        let backend = streaming_backend(TOTAL);
+        let lb = Lb::start_with_env(&[backend], "idle_timeout = \"1s\"", "", env);
+        let mut client = TcpStream::connect(lb.listen).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        // One byte, then nothing for 2.5 idle timeouts, then read as fast as possible.
+        let started = Instant::now();
+        let end = read_stream(&mut client, |got| {
+            if got == 0 {
+                (1, Duration::ZERO)
+            } else if started.elapsed() < Duration::from_millis(2500) {
+                (
+                    1,
+                    Duration::from_millis(2500).saturating_sub(started.elapsed()),
+                )
+            } else {
+                (1 << 20, Duration::ZERO)
+            }
+        });
+        eprintln!("{path}: stalled reader: {end:?} of {TOTAL} bytes");
+        match end {
+            StreamEnd::Eof(got) => assert_eq!(
+                got, TOTAL,
+                "{path}: a clean EOF after {got} of {TOTAL} bytes: the stream was cut silently"
+            ),
+            StreamEnd::Error(got, kind) => {
+                assert_eq!(
+                    kind,
+                    ErrorKind::ConnectionReset,
+                    "{path}: after {got} bytes"
+                );
+                let closed = lb.events("connection closed");
+                assert!(
+                    closed
+                        .iter()
+                        .any(|f| f["reason"] == "idle_timeout" && f["reset_pending"] == true),
+                    "{path}: srvlb did not log an idle timeout with bytes pending: {closed:?}"
+                );
+            }
+        }
+    }
+}
+
+/// A slow reader that keeps reading (32 KiB/s, through a small receive buffer) is active,
+/// not idle: it gets the whole stream although each 64 KiB chunk takes two idle timeouts to
+/// drain. Before the fix the idle clock only moved once a whole chunk was written, so srvlb
+/// timed such a client out and cut its stream.
+#[test]
+fn a_slow_reader_that_keeps_reading_gets_every_byte() {
+    const TOTAL: usize = 32 << 20;
+    for (path, env) in DATA_PATHS {
+        let backend = streaming_backend(TOTAL);
+        let lb = Lb::start_with_env(&[backend], "idle_timeout = \"1s\"", "", env);
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+        socket.connect(&lb.listen.into()).expect("connect");
+        let mut client: TcpStream = socket.into();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        // 8 KiB every 250 ms for 5 s (five idle timeouts), then as fast as possible.
+        let started = Instant::now();
+        let end = read_stream(&mut client, |_| {
+            if started.elapsed() < Duration::from_secs(5) {
+                (8 * 1024, Duration::from_millis(250))
+            } else {
+                (1 << 20, Duration::ZERO)
+            }
+        });
+        eprintln!("{path}: slow reader: {end:?} of {TOTAL} bytes");
+        assert!(
+            matches!(end, StreamEnd::Eof(got) if got == TOTAL),
+            "{path}: the slow reader got {end:?} of {TOTAL} bytes"
+        );
+        assert!(
+            !lb.events("connection closed")
+                .iter()
+                .any(|f| f["reason"] == "idle_timeout"),
+            "{path}: srvlb timed out a reader that kept reading"
+        );
+    }
+}
+
+/// A stream still running when the shutdown grace elapses is cut by srvlb: the client must
+/// get a reset, not a clean EOF that passes the cut stream off as complete. (Closing by the
+/// runtime going away used to send a FIN.)
+#[test]
+fn a_stream_cut_by_the_shutdown_grace_is_reset() {
+    const TOTAL: usize = 64 << 20;
+    for (path, env) in DATA_PATHS {
+        let backend = streaming_backend(TOTAL);
+        // shutdown_grace is 1 s in this fixture; the idle timeout stays out of the way.
+        let mut lb = Lb::start_with_env(&[backend], "idle_timeout = \"1h\"", "", env);
+        let mut client = TcpStream::connect(lb.listen).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut first = [0u8; 1];
+        client.read_exact(&mut first).expect("first byte");
+        lb.srvlb.signal("TERM");
+        let code = lb.srvlb.wait_exit(Duration::from_secs(15));
+        assert_eq!(code, Some(0), "{path}: srvlb did not exit cleanly");
+        let end = read_stream_from(&mut client, 1, |_| (1 << 20, Duration::ZERO));
+        eprintln!("{path}: stream at the end of the shutdown grace: {end:?} of {TOTAL} bytes");
+        assert!(
+            matches!(end, StreamEnd::Error(_, ErrorKind::ConnectionReset)),
+            "{path}: a stream cut by the shutdown ended with {end:?}, not a reset"
+        );
+    }
+}
+
+/// Lines of `ss` for established TCP sockets matching `filter`, with their timers.
+fn sockets_with_timers(filter: &str) -> Vec<String> {
+    let out = Command::new("ss")
+        .args(["-tnoH", "state", "established", filter])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// TCP keepalive runs on both of srvlb's legs with the configured interval, so a peer that
+/// vanished without a FIN or RST is noticed long before an hour-long idle timeout; and
+/// `tcp_keepalive = false` turns it off.
+#[test]
+fn tcp_keepalive_runs_on_both_legs() {
+    let backend = TestBackend::start("ka", Mode::Echo);
+    for (setting, expect_keepalive) in [
+        ("tcp_keepalive = \"7s\"", true),
+        ("tcp_keepalive = false", false),
+    ] {
+        let lb = Lb::start(&[backend.addr], setting, "");
+        let mut client = TcpStream::connect(lb.listen).expect("connect");
+        client.write_all(b"ping\n").expect("write");
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).expect("echo");
+        assert!(n > 0, "no echo");
+        // srvlb's client leg has the listen port as its local port; its backend leg has the
+        // backend's port as its remote port (the backend's own socket has it as local).
+        let client_leg = sockets_with_timers(&format!("sport = :{}", lb.listen.port()));
+        let backend_leg = sockets_with_timers(&format!("dport = :{}", backend.port()));
+        eprintln!("{setting}: client leg {client_leg:?}, backend leg {backend_leg:?}");
+        assert_eq!(client_leg.len(), 1, "{setting}: {client_leg:?}");
+        assert_eq!(backend_leg.len(), 1, "{setting}: {backend_leg:?}");
+        for (leg, lines) in [("client", &client_leg), ("backend", &backend_leg)] {
+            let has = lines[0].contains("timer:(keepalive");
+            assert_eq!(
+                has, expect_keepalive,
+                "{setting}: srvlb's {leg} leg: {}",
+                lines[0]
+            );
+            if expect_keepalive {
+                // The first probe is due within the 7 s interval.
+                let due = lines[0]
+                    .split("timer:(keepalive,")
+                    .nth(1)
+                    .unwrap_or_default();
+                assert!(
+                    due.starts_with('7') || due.starts_with('6') || due.starts_with('5'),
+                    "{setting}: {leg} leg's keepalive is not the configured 7 s: {}",
+                    lines[0]
+                );
+            }
+        }
+    }
 }

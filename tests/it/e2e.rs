@@ -1,7 +1,7 @@
 //! End to end through the spawned srvlb binary: backends found through an in-process DNS
 //! server, real sockets on 127.0.0.1, and what a client would notice.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

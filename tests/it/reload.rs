@@ -1,7 +1,7 @@
 //! SIGHUP reloads and the systemd notify protocol, through the spawned srvlb binary with
 //! static backends on 127.0.0.1. Every wait is bounded; every client uses timeouts.
 
-mod support;
+use crate::support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

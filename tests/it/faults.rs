@@ -4,7 +4,7 @@
 //! Every loop is bounded in count and time; assertions are about behaviour (who answered,
 //! what was logged, what the client read), with deadlines generous enough for a loaded CI box.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

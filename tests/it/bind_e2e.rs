@@ -5,7 +5,7 @@
 //!
 //! `named` is stopped and its directory removed by `Named`'s Drop, also when the test fails.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

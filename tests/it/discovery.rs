@@ -5,7 +5,7 @@
 //! Timing: TTLs are 1 s and refreshes 1-3 s; every wait is a bounded poll with several
 //! seconds of slack, so the tests hold on a loaded 2-core CI machine.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};

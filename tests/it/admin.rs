@@ -2,7 +2,7 @@
 //! ones that ask for a large /metrics and never read it. srvlb must keep a bounded number
 //! of them open, close each within its response timeout, and keep answering operators.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -8,9 +8,10 @@
 //!   addresses, a dual-stack target whose backend listens on IPv4 only, `family = "ipv4"`,
 //!   a refused resolver port, the back-off for an absent name and a failing target.
 //!
-//! Run with `--nocapture` to see the figures. Servers are stopped by Drop, also on failure.
+//! Run with `cargo test --test it resolvers_e2e:: -- --nocapture` to see the figures.
+//! Servers are stopped by Drop, also on failure.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,6 +1,5 @@
 //! Test harness: a spawned `srvlb` process with its config in a temp dir, backends that say
 //! who they are, and small client helpers. Everything listens on 127.0.0.1 only.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
@@ -452,6 +451,16 @@ pub struct StaticLb {
 
 impl StaticLb {
     pub fn start(backends: &[SocketAddr], service: &str, health: &str) -> StaticLb {
+        Self::start_with_env(backends, service, health, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment for srvlb (e.g. `SRVLB_SPLICE=0`).
+    pub fn start_with_env(
+        backends: &[SocketAddr],
+        service: &str,
+        health: &str,
+        env: &[(&str, &str)],
+    ) -> StaticLb {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let statics = backends
@@ -477,7 +486,7 @@ static = [{statics}]
 "#
         );
         let lb = StaticLb {
-            srvlb: Srvlb::start(&config),
+            srvlb: Srvlb::start_with_env(&config, env),
             listen,
             admin,
         };
@@ -588,14 +597,6 @@ static = [{statics}]
             .iter()
             .filter(|f| f["bytes_in"] == 0 && f["bytes_out"] == 0)
             .count()
-    }
-
-    /// The backends of "app" as /status shows them.
-    pub fn backends(&self) -> Vec<serde_json::Value> {
-        serde_json::from_str::<serde_json::Value>(&http_get(self.admin, "/status"))
-            .ok()
-            .and_then(|s| s["services"][0]["backends"].as_array().cloned())
-            .unwrap_or_default()
     }
 
     /// The sum of a per-backend counter over all backends.
