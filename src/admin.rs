@@ -184,7 +184,7 @@ fn metrics(state: &AdminState) -> String {
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let service_counters: [ServiceMetric; 12] = [
+    let service_counters: [ServiceMetric; 15] = [
         (
             "srvlb_service_connections_total",
             "counter",
@@ -261,6 +261,38 @@ fn metrics(state: &AdminState) -> String {
             "gauge",
             "1 when the last DNS lookup failed and the last known backends are served.",
             |s| u64::from(s.discovery.stale.load(Ordering::Relaxed)),
+        ),
+        (
+            "srvlb_dns_absent",
+            "gauge",
+            "1 while DNS says the service is absent (NXDOMAIN, NODATA, target \".\").",
+            |s| u64::from(s.discovery.absence.lock().is_some()),
+        ),
+        (
+            "srvlb_dns_empty_hold",
+            "gauge",
+            "1 during the empty hold: DNS says absent, the last backends still serve.",
+            |s| {
+                u64::from(
+                    s.discovery
+                        .absence
+                        .lock()
+                        .as_ref()
+                        .is_some_and(|a| a.in_hold()),
+                )
+            },
+        ),
+        (
+            "srvlb_dns_empty_hold_remaining_seconds",
+            "gauge",
+            "Seconds until the empty hold ends and the SRV backends are removed (0 when none).",
+            |s| {
+                s.discovery
+                    .absence
+                    .lock()
+                    .as_ref()
+                    .map_or(0, |a| a.remaining_ms().div_ceil(1000))
+            },
         ),
     ];
     for (name, kind, help, read) in service_counters {
@@ -364,7 +396,7 @@ fn metrics(state: &AdminState) -> String {
             for (i, v) in values.iter().enumerate() {
                 let _ = writeln!(rows[i], "{}{{{labels}}} {v}", backend_metrics[i].0);
             }
-            for state in ["active", "ejected", "draining", "standby"] {
+            for state in ["active", "ejected", "draining", "standby", "address_unused"] {
                 let _ = writeln!(
                     states,
                     "srvlb_backend_state{{{labels},state=\"{state}\"}} {}",
@@ -474,6 +506,17 @@ fn status_json(state: &AdminState) -> String {
                         BackendState::Standby => {
                             v["reason"] = json!("a preferred tier has usable backends")
                         }
+                        BackendState::AddressUnused { until_ms, failures } => {
+                            v["ejected_for_ms"] = json!(until_ms.saturating_sub(now));
+                            v["reason"] = json!(format!(
+                                "this address fails ({failures} consecutive failures); the target is served on its other addresses"
+                            ));
+                        }
+                        BackendState::Active if b.is_removal_pending() => {
+                            v["reason"] = json!(
+                                "left out of the latest DNS answer; kept until the next lookup confirms the removal"
+                            );
+                        }
                         BackendState::Active if b.health.is_held(now) => {
                             v["reason"] = json!(format!(
                                 "{} consecutive failures; kept in service by max_ejected_percent",
@@ -496,6 +539,14 @@ fn status_json(state: &AdminState) -> String {
                     "refreshes": s.discovery.refreshes.load(Ordering::Relaxed),
                     "failures": s.discovery.failures.load(Ordering::Relaxed),
                     "last_error": s.discovery.last_error.lock().clone(),
+                    "empty_hold": s.discovery.absence.lock().as_ref().map(|a| json!({
+                        "in_hold": a.in_hold(),
+                        "emptied": a.emptied,
+                        "reason": a.reason,
+                        "since_unix_ms": a.since_unix_ms,
+                        "until_unix_ms": a.until_unix_ms,
+                        "remaining_ms": a.remaining_ms(),
+                    })),
                 },
                 "backends": backends,
             })

@@ -150,7 +150,8 @@ impl Server {
         // (min_refresh, max_refresh, empty_hold) go to the running discovery tasks below:
         // restarting discovery for them would throw away every pool's state.
         let resolver_changed = next.resolver.nameservers != self.config.resolver.nameservers
-            || next.resolver.timeout != self.config.resolver.timeout;
+            || next.resolver.timeout != self.config.resolver.timeout
+            || next.resolver.family != self.config.resolver.family;
         let new_resolver = if resolver_changed {
             Some(Arc::new(build_resolver(&next.resolver)?))
         } else {

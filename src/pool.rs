@@ -66,6 +66,9 @@ pub struct Backend {
     pub health: Health,
     /// Gone from discovery: takes no new connections, existing ones run to completion.
     removed: AtomicBool,
+    /// Left out of the latest DNS answer, but kept in service until a second lookup confirms
+    /// the removal (damping). Retries prefer other backends.
+    removal_pending: AtomicBool,
 }
 
 impl Backend {
@@ -76,6 +79,7 @@ impl Backend {
             stats: BackendStats::default(),
             health: Health::default(),
             removed: AtomicBool::new(false),
+            removal_pending: AtomicBool::new(false),
         }
     }
 
@@ -89,6 +93,12 @@ impl Backend {
 
     pub fn active(&self) -> u64 {
         self.stats.active.load(Ordering::Relaxed)
+    }
+
+    /// True while the latest answer left this backend out and a second lookup has not yet
+    /// confirmed the removal (see `Pool::mark_removal_pending`).
+    pub fn is_removal_pending(&self) -> bool {
+        self.removal_pending.load(Ordering::Relaxed)
     }
 }
 
@@ -107,6 +117,13 @@ pub enum BackendState {
     },
     /// In a tier that is not in use because a preferred tier has usable backends.
     Standby,
+    /// Ejected, but another address of the same SRV target and port is usable, so the
+    /// target itself is served (e.g. an AAAA address on a host whose backend listens on
+    /// IPv4 only). Not a fault of the target.
+    AddressUnused {
+        until_ms: u64,
+        failures: u32,
+    },
 }
 
 impl BackendState {
@@ -116,6 +133,7 @@ impl BackendState {
             BackendState::Ejected { .. } => "ejected",
             BackendState::Draining { .. } => "draining",
             BackendState::Standby => "standby",
+            BackendState::AddressUnused { .. } => "address_unused",
         }
     }
 }
@@ -126,7 +144,11 @@ pub struct Tier {
     pub priority: u16,
     /// Sorted by key, so the same answer always gives the same order.
     pub backends: Vec<Arc<Backend>>,
+    /// Selection weights: each SRV record's weight split evenly across the addresses its
+    /// target resolved to (see `address_weights`). Parallel to `backends`.
     pub weights: Vec<u32>,
+    /// The SRV weight of each backend's record, as published. Parallel to `backends`.
+    pub srv_weights: Vec<u16>,
     pub maglev: MaglevTable,
     pub p2c: P2cTable,
 }
@@ -332,6 +354,18 @@ impl Pool {
         }
     }
 
+    /// Flags the backends of the current snapshot whose removal waits for confirmation
+    /// (`keys`) and clears the flag on every other one. Discovery calls it after each
+    /// update; until then a newly published backend reads as not pending, which is the
+    /// safe side (a retry merely does not avoid it).
+    pub fn mark_removal_pending(&self, keys: &std::collections::HashSet<BackendKey>) {
+        for (_, backend) in self.snapshot().iter() {
+            backend
+                .removal_pending
+                .store(keys.contains(&backend.key), Ordering::Relaxed);
+        }
+    }
+
     /// Every backend with its state, draining ones included, for status and metrics.
     pub fn states(&self) -> Vec<(Arc<Backend>, u16, u16, BackendState)> {
         let now = now_ms();
@@ -343,8 +377,12 @@ impl Pool {
         let active_tier = snapshot.active_tier(now);
         let mut out = Vec::new();
         for (i, tier) in snapshot.tiers.iter().enumerate() {
-            for (b, w) in tier.backends.iter().zip(&tier.weights) {
+            for (b, w) in tier.backends.iter().zip(&tier.srv_weights) {
                 let state = match b.health.ejected_until(now) {
+                    Some(until_ms) if sibling_usable(tier, b, now) => BackendState::AddressUnused {
+                        until_ms,
+                        failures: b.health.consecutive_failures(),
+                    },
                     Some(until_ms) => BackendState::Ejected {
                         until_ms,
                         failures: b.health.consecutive_failures(),
@@ -352,8 +390,7 @@ impl Pool {
                     None if active_tier.is_some_and(|a| i > a) => BackendState::Standby,
                     None => BackendState::Active,
                 };
-                let weight = u16::try_from(*w).unwrap_or(u16::MAX);
-                out.push((Arc::clone(b), tier.priority, weight, state));
+                out.push((Arc::clone(b), tier.priority, *w, state));
             }
         }
         members.draining.retain(|(b, _, _)| b.active() > 0);
@@ -373,6 +410,28 @@ pub const MAX_BACKENDS: usize = 10_000;
 /// Most tiers (distinct priorities) a service keeps: each costs a Maglev table of
 /// `maglev_size` slots, so thousands of distinct priorities would cost hundreds of MiB.
 pub const MAX_TIERS: usize = 32;
+
+/// True when another address of `backend`'s SRV target and port in `tier` takes traffic.
+fn sibling_usable(tier: &Tier, backend: &Arc<Backend>, now: u64) -> bool {
+    tier.backends.iter().any(|other| {
+        !Arc::ptr_eq(other, backend)
+            && other.key.target == backend.key.target
+            && other.key.port == backend.key.port
+            && other.health.is_available(now)
+    })
+}
+
+/// `cap` for owned endpoints: discovery trims an answer with it before comparing it with
+/// the current set, so a huge answer costs no more than a capped one. Returns how many
+/// endpoints were cut.
+pub fn trim_to_caps(endpoints: Vec<Endpoint>) -> (Vec<Endpoint>, usize) {
+    let (kept, cut) = cap(&endpoints);
+    if cut == 0 && kept.len() == endpoints.len() {
+        return (endpoints, 0);
+    }
+    let kept = kept.into_iter().cloned().collect();
+    (kept, cut)
+}
 
 /// The endpoints an update uses: one per key (the first in the answer wins), cut to the
 /// `MAX_TIERS` lowest priority values and then to `MAX_BACKENDS` in (priority, key) order,
@@ -454,6 +513,38 @@ fn plan(members: &Members, endpoints: &[&Endpoint]) -> Plan {
     }
 }
 
+/// Divisible by every address count from 1 to 12, so splitting a record's weight across
+/// that many addresses is exact; `u16::MAX * WEIGHT_SCALE` still fits a u32.
+const WEIGHT_SCALE: u32 = 27_720;
+
+/// Selection weights of one tier's backends. RFC 2782 gives a weight to each SRV record,
+/// not to each address its target resolves to: a record's weight is split evenly across
+/// the backends of the same target and port (its addresses), so a target with three A
+/// records takes the same share as one with a single address. Weight 0 stays 0 (its
+/// meaning, "only when no weighted backend is usable", is kept); any other weight stays at
+/// least 1.
+fn address_weights(backends: &[Arc<Backend>], srv_weights: &[u16]) -> Vec<u32> {
+    let mut addresses: HashMap<(&str, u16), u32> = HashMap::new();
+    for b in backends {
+        *addresses.entry((&*b.key.target, b.key.port)).or_insert(0) += 1;
+    }
+    backends
+        .iter()
+        .zip(srv_weights)
+        .map(|(b, &w)| {
+            if w == 0 {
+                return 0;
+            }
+            let n = addresses
+                .get(&(&*b.key.target, b.key.port))
+                .copied()
+                .unwrap_or(1)
+                .max(1);
+            (u32::from(w) * WEIGHT_SCALE / n).max(1)
+        })
+        .collect()
+}
+
 fn build_snapshot(
     members: &HashMap<BackendKey, (Arc<Backend>, u16, u16)>,
     generation: u64,
@@ -471,7 +562,8 @@ fn build_snapshot(
     for (priority, mut list) in by_priority {
         list.sort_by(|a, b| a.0.key.cmp(&b.0.key));
         let backends: Vec<Arc<Backend>> = list.iter().map(|(b, _)| Arc::clone(b)).collect();
-        let weights: Vec<u32> = list.iter().map(|(_, w)| u32::from(*w)).collect();
+        let srv_weights: Vec<u16> = list.iter().map(|(_, w)| *w).collect();
+        let weights = address_weights(&backends, &srv_weights);
         let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
         let maglev = MaglevTable::build(&names, &weights, maglev_size)?;
         let p2c = P2cTable::new(&weights);
@@ -479,6 +571,7 @@ fn build_snapshot(
             priority,
             backends,
             weights,
+            srv_weights,
             maglev,
             p2c,
         });
@@ -705,6 +798,107 @@ mod tests {
         let updates = writer.join().expect("writer");
         assert_eq!(duplicate, None, "listed twice");
         assert!(updates > 2, "only {updates} updates ran");
+    }
+
+    #[test]
+    fn a_records_weight_is_split_across_its_addresses() {
+        let pool = Pool::new("svc", 1009);
+        // "three" has three A records, "one" a single one, both weight 10; "dual" is a
+        // dual-stack target; "zero" has weight 0.
+        let mut eps = vec![
+            ep("three.test.", 80, [127, 0, 0, 1], 10, 10),
+            ep("three.test.", 80, [127, 0, 0, 2], 10, 10),
+            ep("three.test.", 80, [127, 0, 0, 3], 10, 10),
+            ep("one.test.", 80, [127, 0, 0, 4], 10, 10),
+            ep("zero.test.", 80, [127, 0, 0, 6], 10, 0),
+        ];
+        eps.push(Endpoint {
+            target: "dual.test.".to_owned(),
+            port: 80,
+            addr: "[::1]:80".parse().expect("addr"),
+            priority: 10,
+            weight: 10,
+        });
+        eps.push(ep("dual.test.", 80, [127, 0, 0, 5], 10, 10));
+        pool.update(&eps).expect("update");
+        let snap = pool.snapshot();
+        let tier = &snap.tiers[0];
+        let share = |target: &str| -> u32 {
+            tier.backends
+                .iter()
+                .zip(&tier.weights)
+                .filter(|(b, _)| &*b.key.target == target)
+                .map(|(_, w)| *w)
+                .sum()
+        };
+        assert_eq!(share("three.test."), share("one.test."));
+        assert_eq!(share("dual.test."), share("one.test."));
+        assert_eq!(share("zero.test."), 0);
+        // Maglev slots follow: each weight-10 target owns about a third of the table.
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        for key in 0..30_000u64 {
+            if let Some(i) = tier.maglev.lookup(key.wrapping_mul(0x9E37_79B9_7F4A_7C15)) {
+                *slots
+                    .entry(tier.backends[i].key.target.to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        for target in ["three.test.", "one.test.", "dual.test."] {
+            let n = slots.get(target).copied().unwrap_or(0);
+            assert!(
+                (8_500..11_500).contains(&n),
+                "{target}: {n} of 30000 ({slots:?})"
+            );
+        }
+        // /status shows the record's weight, not the split one.
+        assert!(pool.states().iter().all(|(b, _, w, _)| *w
+            == if &*b.key.target == "zero.test." {
+                0
+            } else {
+                10
+            }));
+    }
+
+    #[test]
+    fn an_ejected_address_of_a_served_target_is_not_reported_as_a_fault() {
+        let pool = Pool::new("svc", 1009);
+        let v6 = Endpoint {
+            target: "dual.test.".to_owned(),
+            port: 80,
+            addr: "[::1]:80".parse().expect("addr"),
+            priority: 10,
+            weight: 10,
+        };
+        let lone = ep("lone.test.", 80, [127, 0, 0, 9], 10, 10);
+        pool.update(&[v6, ep("dual.test.", 80, [127, 0, 0, 5], 10, 10), lone])
+            .expect("update");
+        let snap = pool.snapshot();
+        let now = now_ms();
+        let policy = crate::config::HealthConfig {
+            consecutive_failures: 1,
+            base_ejection: std::time::Duration::from_secs(60),
+            max_ejection: std::time::Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        for b in &snap.tiers[0].backends {
+            if b.addr().is_ipv6() || &*b.key.target == "lone.test." {
+                b.health.record_failure(now, &policy, || true);
+            }
+        }
+        let label = |target: &str, v6: bool| {
+            pool.states()
+                .into_iter()
+                .find(|(b, _, _, _)| &*b.key.target == target && b.addr().is_ipv6() == v6)
+                .map(|(_, _, _, s)| s.label())
+                .expect("listed")
+        };
+        assert_eq!(label("dual.test.", true), "address_unused");
+        assert_eq!(label("dual.test.", false), "active");
+        assert_eq!(
+            label("lone.test.", false),
+            "ejected",
+            "a target with no usable address is a fault"
+        );
     }
 
     #[test]

@@ -80,7 +80,11 @@ impl<'a> Selector<'a> {
     pub fn next_backend<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Option<Arc<Backend>> {
         let tiers = &self.snapshot.tiers;
         let healthy = |b: &Arc<Backend>| self.usable(b) && !b.health.is_held(self.now);
-        let clean = |b: &Arc<Backend>| healthy(b) && b.health.consecutive_failures() == 0;
+        // A backend whose removal from DNS awaits confirmation is no cleaner a retry than
+        // one with failures: during a rollout it is the old pod that just stopped listening.
+        let clean = |b: &Arc<Backend>| {
+            healthy(b) && b.health.consecutive_failures() == 0 && !b.is_removal_pending()
+        };
         let usable = |b: &Arc<Backend>| self.usable(b);
         let retrying = !self.tried.is_empty();
         let last_after_two =

@@ -58,6 +58,19 @@ pub struct ResolverConfig {
     pub max_refresh: Duration,
     /// How long an NXDOMAIN or empty answer must persist before a pool is emptied.
     pub empty_hold: Duration,
+    /// Which address records of SRV targets are asked for and used.
+    pub family: AddressFamily,
+}
+
+/// `[resolver] family`: the address families srvlb resolves SRV targets to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressFamily {
+    /// A and AAAA (the default).
+    Any,
+    /// A only: for hosts without IPv6 connectivity; AAAA is neither asked for nor tried.
+    Ipv4,
+    /// AAAA only.
+    Ipv6,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::duration::format_duration as dur;
-use super::{Balance, Config, HashKey, LogFormat, ProxyProtocol, ServiceConfig};
+use super::{AddressFamily, Balance, Config, HashKey, LogFormat, ProxyProtocol, ServiceConfig};
 
 /// Width of the label column; the longest label ("empty answer hold") plus two spaces.
 const LABEL_WIDTH: usize = 19;
@@ -55,11 +55,17 @@ pub(crate) fn render(config: &Config) -> String {
     line(&mut out, "\nresolver");
     row(&mut out, "nameservers", &[nameservers(config)]);
     row(&mut out, "timeout", &[dur(resolver.timeout)]);
+    let family = match resolver.family {
+        AddressFamily::Any => "any (A and AAAA of SRV targets)",
+        AddressFamily::Ipv4 => "ipv4 (A only; AAAA neither asked for nor tried)",
+        AddressFamily::Ipv6 => "ipv6 (AAAA only; A neither asked for nor tried)",
+    };
+    row(&mut out, "family", &[family.to_string()]);
     row(
         &mut out,
         "refresh",
         &[format!(
-            "record TTL, clamped to {}..{}",
+            "record TTL, clamped to {}..{} (target addresses on their own TTL; absent names and failing lookups back off up to the maximum)",
             dur(resolver.min_refresh),
             dur(resolver.max_refresh)
         )],

@@ -40,6 +40,7 @@ pub(crate) struct RawResolver {
     pub min_refresh: Option<Spanned<Scalar>>,
     pub max_refresh: Option<Spanned<Scalar>>,
     pub empty_hold: Option<Spanned<Scalar>>,
+    pub family: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

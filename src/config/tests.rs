@@ -69,6 +69,7 @@ fn defaults_are_applied() {
             min_refresh: Duration::from_secs(1),
             max_refresh: Duration::from_secs(60),
             empty_hold: Duration::from_secs(30),
+            family: AddressFamily::Any,
         }
     );
     let expected = ServiceConfig {
@@ -620,6 +621,25 @@ fn invalid_srv_names() {
         "[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:1\"]\nsrv = \"{long}\"\n"
     ));
     assert!(e.ends_with("is longer than 63 characters"), "{e}");
+}
+
+#[test]
+fn resolver_family_is_any_ipv4_or_ipv6() {
+    for (word, family) in [
+        ("any", AddressFamily::Any),
+        ("ipv4", AddressFamily::Ipv4),
+        ("ipv6", AddressFamily::Ipv6),
+    ] {
+        let config = ok(&format!("[resolver]\nfamily = \"{word}\"\n{SERVICE}"));
+        assert_eq!(config.resolver.family, family);
+        let row = format!("  family{}{word}", " ".repeat(13));
+        assert!(config.plan().contains(&row), "{}", config.plan());
+    }
+    let e = err(&format!("[resolver]\nfamily = \"v4\"\n{SERVICE}"));
+    assert_eq!(
+        e,
+        "t.toml:2:10: resolver.family must be \"any\", \"ipv4\" or \"ipv6\", not \"v4\""
+    );
 }
 
 #[test]

@@ -18,8 +18,8 @@ use super::values::{
     ordered, socket_addr, word,
 };
 use super::{
-    Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol, RatePerSource,
-    ResolverConfig, ServiceConfig,
+    AddressFamily, Balance, Config, GlobalConfig, HashKey, HealthConfig, LogFormat, ProxyProtocol,
+    RatePerSource, ResolverConfig, ServiceConfig,
 };
 
 const NO_SERVICES: &str =
@@ -217,12 +217,26 @@ fn resolver(raw: RawResolver) -> Result<ResolverConfig, Problem> {
         "",
         "resolver.empty_hold",
     )?;
+    let family = match &raw.family {
+        Some(v) => word(
+            v,
+            "",
+            "resolver.family",
+            &[
+                ("any", AddressFamily::Any),
+                ("ipv4", AddressFamily::Ipv4),
+                ("ipv6", AddressFamily::Ipv6),
+            ],
+        )?,
+        None => AddressFamily::Any,
+    };
     Ok(ResolverConfig {
         nameservers,
         timeout,
         min_refresh,
         max_refresh,
         empty_hold,
+        family,
     })
 }
 

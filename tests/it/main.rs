@@ -1,5 +1,5 @@
 //! srvlb's integration tests: the real binary or the real library against real sockets on
-//! 127.0.0.1, an in-process DNS server, and real DNS software from Debian (bind9). One test
+//! 127.0.0.1, an in-process DNS server, and real DNS software from Debian (bind9, unbound, dnsmasq). One test
 //! crate with a module per area, so the suite compiles and links once instead of once per
 //! file (a test binary per file linked the whole dependency graph nine times on CI's two
 //! cores). ARCHITECTURE.md says which behaviour each area guards.
@@ -19,4 +19,5 @@ mod dns_server;
 mod e2e;
 mod faults;
 mod reload;
+mod resolvers_e2e;
 mod source_limits;

@@ -461,7 +461,7 @@ fn is_ci() -> bool {
 
 /// Finds a program on PATH, or in the sbin directories, which are not on a non-root
 /// user's PATH on Debian although `named` lives there.
-fn find_program(name: &str) -> Option<PathBuf> {
+pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
@@ -530,7 +530,7 @@ fn soa_query(id: u16, zone: &str) -> Vec<u8> {
 }
 
 /// Waits up to `timeout` for `child` to exit; `Ok(None)` when it is still running.
-fn wait_deadline(
+pub fn wait_deadline(
     child: &mut Child,
     timeout: Duration,
 ) -> io::Result<Option<std::process::ExitStatus>> {
