@@ -52,13 +52,43 @@ impl Srvlb {
         srvlb
     }
 
+    /// Starts srvlb with RLIMIT_NOFILE (soft and hard) set to `nofile` for it alone.
+    pub fn start_with_nofile(config: &str, nofile: u64) -> Srvlb {
+        let srvlb = Self::spawn(config, &[], Some(nofile));
+        srvlb.wait_log("srvlb ready", Duration::from_secs(10));
+        srvlb
+    }
+
     /// Spawns srvlb without waiting for it to be ready (for tests that watch startup itself,
     /// e.g. through NOTIFY_SOCKET).
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Srvlb {
+        Self::spawn(config, env, None)
+    }
+
+    /// The binary under test: the one cargo built, or `SRVLB_TEST_BIN` (to measure another
+    /// build, e.g. the previous release, with the same tests).
+    fn binary() -> PathBuf {
+        std::env::var_os("SRVLB_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_srvlb")))
+    }
+
+    /// Spawns srvlb; with `nofile`, through `sh -c 'ulimit -n N; exec srvlb ...'` so that
+    /// the limit applies to srvlb alone (the same pid: `exec` replaces the shell).
+    fn spawn(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Srvlb {
         let dir = temp_dir("srvlb");
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_srvlb"));
+        let mut cmd = match nofile {
+            None => Command::new(Self::binary()),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(Self::binary());
+                sh
+            }
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -157,6 +187,36 @@ impl Srvlb {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// Resident memory of the srvlb process in KiB (VmRSS), 0 if unreadable.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU time (user + system) the srvlb process has used so far, from /proc/PID/stat.
+    pub fn cpu_time(&self) -> Duration {
+        let ticks = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                // Fields after the parenthesised command name; utime and stime are the
+                // 14th and 15th fields of the line, the 12th and 13th after ")".
+                let rest = s.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime: u64 = fields.get(11)?.parse().ok()?;
+                let stime: u64 = fields.get(12)?.parse().ok()?;
+                Some(utime + stime)
+            })
+            .unwrap_or(0);
+        // USER_HZ is 100 on every Linux architecture srvlb runs on.
+        Duration::from_millis(ticks * 10)
     }
 }
 
@@ -374,6 +434,34 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
         "GET {path} failed: {head}"
     );
     body.to_owned()
+}
+
+/// GETs `path` from the admin endpoint, timing it from connect to the end of the response:
+/// `(elapsed, status line, body)`. Errors instead of panicking (for tests that measure).
+pub fn timed_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(Duration, String, String)> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("").to_owned();
+    Ok((elapsed, status, body.to_owned()))
+}
+
+/// The value of the first /metrics line that starts with `prefix` (name and labels).
+pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// The SRV name the in-process DNS fixture publishes by default.
