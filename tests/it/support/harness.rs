@@ -370,6 +370,72 @@ fn socket_reset(stream: &TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
+/// An echo backend on a tokio runtime of its own: it holds thousands of connections with one
+/// thread, where `TestBackend` spends a thread on each. For soaks. Stops when dropped.
+pub struct ManyEcho {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+}
+
+impl ManyEcho {
+    pub fn start() -> ManyEcho {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime.block_on(async {
+            for _ in 0..20 {
+                if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", free_port())).await {
+                    return l;
+                }
+            }
+            panic!("cannot bind an echo backend");
+        });
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&open);
+        runtime.spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    count.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        });
+        ManyEcho {
+            runtime: Some(runtime),
+            addr,
+            open,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Connections open to this backend now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ManyEcho {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Connects through srvlb and returns the name of the backend that answered.
 pub fn who_answers(addr: SocketAddr) -> std::io::Result<String> {
     who_answers_from(addr, None)
@@ -503,15 +569,25 @@ impl Dns {
     }
 
     pub fn publish_on(&self, srv: &str, ttl: u32, backends: &[(&TestBackend, u16, u16)]) {
+        let named: Vec<(&str, u16, u16, u16)> = backends
+            .iter()
+            .map(|(b, priority, weight)| (b.name.as_str(), b.port(), *priority, *weight))
+            .collect();
+        self.publish_ports(srv, ttl, &named);
+    }
+
+    /// Like `publish_on` for backends given as (name, port, priority, weight), e.g. a
+    /// `ManyEcho`.
+    pub fn publish_ports(&self, srv: &str, ttl: u32, backends: &[(&str, u16, u16, u16)]) {
         let mut records = Vec::new();
-        for (b, priority, weight) in backends {
-            let host = srv_host(&b.name);
+        for (name, port, priority, weight) in backends {
+            let host = srv_host(name);
             self.server
                 .set_addrs(&host, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
             records.push(super::dns::Srv {
                 priority: *priority,
                 weight: *weight,
-                port: b.port(),
+                port: *port,
                 target: host,
             });
         }
