@@ -149,38 +149,49 @@ struct Slot {
     /// True once the request head is complete and the answer is being written: such a
     /// connection is evicted only when no connection is still sending its head.
     answering: AtomicBool,
+    /// Told to close; it stays in the table (and counts) until its task has ended.
+    evicted: AtomicBool,
     evict: Notify,
 }
 
-/// The open admin connections, oldest first.
+/// The open admin connections, oldest first. At most `max` live ones, plus at most one that
+/// was evicted and is closing, so the endpoint never holds more than `max + 1` descriptors.
 #[derive(Debug, Default)]
 struct Slots {
     open: Mutex<VecDeque<Arc<Slot>>>,
     next_id: AtomicU64,
+    released: Notify,
 }
 
 impl Slots {
-    /// Registers a new connection; when `max` are open already, evicts the oldest one still
+    /// Registers a new connection; when `max` are live already, evicts the oldest one still
     /// sending its head (or, if every one is answering, the oldest). True when one was
     /// evicted.
     fn admit(&self, max: usize) -> (Arc<Slot>, bool) {
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             answering: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
             evict: Notify::new(),
         });
         let mut open = self.open.lock();
         let mut evicted = false;
-        while open.len() >= max.max(1) {
-            let victim = open
+        loop {
+            let live: Vec<&Arc<Slot>> = open
                 .iter()
-                .position(|s| !s.answering.load(Ordering::Relaxed))
-                .unwrap_or(0);
-            if let Some(old) = open.remove(victim) {
-                // notify_one keeps the wake-up if the task is not waiting yet.
-                old.evict.notify_one();
-                evicted = true;
+                .filter(|s| !s.evicted.load(Ordering::Relaxed))
+                .collect();
+            if live.len() < max.max(1) {
+                break;
             }
+            let victim = live
+                .iter()
+                .find(|s| !s.answering.load(Ordering::Relaxed))
+                .unwrap_or(&live[0]);
+            victim.evicted.store(true, Ordering::Relaxed);
+            // notify_one keeps the wake-up if the task is not waiting yet.
+            victim.evict.notify_one();
+            evicted = true;
         }
         open.push_back(Arc::clone(&slot));
         (slot, evicted)
@@ -190,6 +201,22 @@ impl Slots {
         let mut open = self.open.lock();
         if let Some(i) = open.iter().position(|s| s.id == id) {
             open.remove(i);
+        }
+        drop(open);
+        self.released.notify_waiters();
+    }
+
+    /// Waits until at most `max` connections (live or closing) are open, so that accepting
+    /// one more stays within `max + 1`. Evicted connections close within moments.
+    async fn room(&self, max: usize) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.open.lock().len() <= max.max(1) {
+                return;
+            }
+            released.await;
         }
     }
 }
@@ -201,6 +228,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
     // Closed to make room for one accept when the process is out of descriptors.
     let mut spare = open_spare();
     loop {
+        slots.room(state.slots()).await;
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -1067,24 +1095,49 @@ mod tests {
     #[test]
     fn a_full_table_evicts_the_oldest_still_sending_its_head() {
         let slots = Slots::default();
+        let evicted = |slots: &Slots| -> Vec<u64> {
+            let open = slots.open.lock();
+            open.iter()
+                .filter(|s| s.evicted.load(Ordering::Relaxed))
+                .map(|s| s.id)
+                .collect()
+        };
         let (a, _) = slots.admit(3);
         let (b, _) = slots.admit(3);
         let (c, _) = slots.admit(3);
         a.answering.store(true, Ordering::Relaxed);
-        let (_d, evicted) = slots.admit(3);
-        assert!(evicted);
-        let open: Vec<u64> = slots.open.lock().iter().map(|s| s.id).collect();
-        assert_eq!(open, vec![a.id, c.id, 3], "b (oldest not answering) went");
-        let _ = b;
+        let (d, was_evicted) = slots.admit(3);
+        assert!(was_evicted);
+        assert_eq!(evicted(&slots), vec![b.id], "b: the oldest not answering");
+        slots.release(b.id);
         // Everyone answering: the oldest goes.
-        for s in slots.open.lock().iter() {
+        for s in [&c, &d] {
             s.answering.store(true, Ordering::Relaxed);
         }
-        slots.admit(3);
-        let open: Vec<u64> = slots.open.lock().iter().map(|s| s.id).collect();
-        assert_eq!(open, vec![c.id, 3, 4]);
-        slots.release(3);
-        assert_eq!(slots.open.lock().len(), 2);
+        let (_e, _) = slots.admit(3);
+        assert_eq!(evicted(&slots), vec![a.id]);
+        assert_eq!(slots.open.lock().len(), 4, "three live and one closing");
+        slots.release(a.id);
+        assert_eq!(slots.open.lock().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn accepting_waits_for_an_evicted_connection_to_close() {
+        let slots = Arc::new(Slots::default());
+        let (first, _) = slots.admit(1);
+        let (_second, evicted) = slots.admit(1);
+        assert!(evicted && first.evicted.load(Ordering::Relaxed));
+        let waiting = tokio::spawn({
+            let slots = Arc::clone(&slots);
+            async move { slots.room(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "two open: no room for a third");
+        slots.release(first.id);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("room once the evicted one closed")
+            .expect("task");
     }
 
     #[tokio::test]

@@ -238,26 +238,51 @@ impl ListenerStatus {
     }
 }
 
-/// Logs each pause of a listener once, when it begins, and once when it ends. A pause for a
-/// limit ends when a permit is to be had without waiting (there is headroom again), not at
-/// every connection the limit lets through, so a listener at its limit with connections
-/// churning logs one line, not one per connection.
+/// A pause shorter than this is not logged (nor counted): at a limit with connections
+/// churning, a listener waits a few milliseconds for each permit, and one line per
+/// connection would flood the log while telling nothing the gauges do not.
+const PAUSE_LOG_AFTER: Duration = Duration::from_millis(250);
+
+/// One pause of a listener: from the first wait for a permit until nobody waits any more.
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    since: std::time::Instant,
+    logged: bool,
+}
+
+/// Logs each pause of a listener once, when it has lasted `PAUSE_LOG_AFTER`, and once when it
+/// ends. A pause spans the short waits for one permit after another while clients keep
+/// waiting; it ends when there is room again (a permit without waiting) or nobody is left
+/// in the backlog (the listener holds its permits and waits for a client).
 #[derive(Debug)]
 struct PauseLog {
-    since: [Option<std::time::Instant>; 3],
+    episodes: [Option<Episode>; 3],
 }
 
 impl PauseLog {
     fn new() -> PauseLog {
-        PauseLog { since: [None; 3] }
+        PauseLog {
+            episodes: [None; 3],
+        }
     }
 
-    fn enter(&mut self, status: &ListenerStatus, reason: Pause) {
-        let slot = &mut self.since[reason.index()];
-        if slot.is_some() {
+    /// A wait for `reason` begins; returns the episode it belongs to.
+    fn enter(&mut self, reason: Pause) -> Episode {
+        *self.episodes[reason.index()].get_or_insert(Episode {
+            since: std::time::Instant::now(),
+            logged: false,
+        })
+    }
+
+    /// Logs the pause if it has lasted long enough (or at once with `now`).
+    fn maybe_log(&mut self, status: &ListenerStatus, reason: Pause, now: bool) {
+        let Some(episode) = &mut self.episodes[reason.index()] else {
+            return;
+        };
+        if episode.logged || (!now && episode.since.elapsed() < PAUSE_LOG_AFTER) {
             return;
         }
-        *slot = Some(std::time::Instant::now());
+        episode.logged = true;
         status.pauses[reason.index()].fetch_add(1, Ordering::Relaxed);
         warn!(
             listener = %status.addr,
@@ -268,12 +293,15 @@ impl PauseLog {
     }
 
     fn leave(&mut self, status: &ListenerStatus, reason: Pause) {
-        if let Some(since) = self.since[reason.index()].take() {
+        let Some(episode) = self.episodes[reason.index()].take() else {
+            return;
+        };
+        if episode.logged {
             info!(
                 listener = %status.addr,
                 service = %status.service_name(),
                 reason = reason.label(),
-                paused_ms = since.elapsed().as_millis() as u64,
+                paused_ms = episode.since.elapsed().as_millis() as u64,
                 "accepting resumed"
             );
         }
@@ -392,19 +420,28 @@ async fn take_permit(
         return Step::Got(permit);
     }
     status.set_paused(Some(reason));
-    pauses.enter(status, reason);
-    let step = tokio::select! {
-        permit = Arc::clone(limit).acquire_owned() => match permit {
-            Ok(permit) => Step::Got(permit),
-            Err(_) => Step::Stop, // the semaphore is never closed; nothing sensible to do
-        },
-        changed = swapped.changed() => match changed {
-            Ok(()) => Step::Restart,
-            Err(_) => Step::Stop, // the Listener was dropped
-        },
-        _ = stop.wait_for(|stop| *stop) => Step::Stop,
+    let episode = pauses.enter(reason);
+    let log_at = tokio::time::Instant::from_std(episode.since + PAUSE_LOG_AFTER);
+    let mut logged = episode.logged;
+    let step = loop {
+        tokio::select! {
+            permit = Arc::clone(limit).acquire_owned() => break match permit {
+                Ok(permit) => Step::Got(permit),
+                Err(_) => Step::Stop, // the semaphore is never closed; nothing sensible to do
+            },
+            changed = swapped.changed() => break match changed {
+                Ok(()) => Step::Restart,
+                Err(_) => Step::Stop, // the Listener was dropped
+            },
+            _ = stop.wait_for(|stop| *stop) => break Step::Stop,
+            () = tokio::time::sleep_until(log_at), if !logged => {
+                pauses.maybe_log(status, reason, false);
+                logged = true;
+            }
+        }
     };
     status.set_paused(None);
+    pauses.maybe_log(status, reason, false);
     if matches!(step, Step::Got(_)) && limit.available_permits() > 0 {
         pauses.leave(status, reason);
     }
@@ -469,13 +506,26 @@ async fn accept_loop(
             Step::Restart => continue,
             Step::Stop => break,
         };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            changed = swapped.changed() => match changed {
-                Ok(()) => continue, // accept is cancel-safe: nothing is lost
-                Err(_) => break,
-            },
-            _ = stop.wait_for(|stop| *stop) => break,
+        // A client already waiting is taken at once. Otherwise nobody is left in the
+        // backlog, and a pause for a limit is over.
+        let immediate = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            listener.poll_accept(&mut cx)
+        };
+        let accepted = match immediate {
+            Poll::Ready(accepted) => accepted,
+            Poll::Pending => {
+                pauses.leave(&status, Pause::MaxConnections);
+                pauses.leave(&status, Pause::FdCap);
+                tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    changed = swapped.changed() => match changed {
+                        Ok(()) => continue, // accept is cancel-safe: nothing is lost
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -505,7 +555,8 @@ async fn accept_loop(
                     }
                 }
                 status.set_paused(Some(Pause::AcceptBackoff));
-                pauses.enter(&status, Pause::AcceptBackoff);
+                pauses.enter(Pause::AcceptBackoff);
+                pauses.maybe_log(&status, Pause::AcceptBackoff, true);
                 let stopped = tokio::select! {
                     _ = tokio::time::sleep(delay) => false,
                     _ = stop.wait_for(|stop| *stop) => true,

@@ -364,6 +364,8 @@ fn clients_waiting_at_max_connections_are_visible_and_the_pause_is_logged_once()
         "{status}"
     );
     println!("at max_connections: {l}");
+    // A pause is logged once it has lasted a moment (250 ms), not for every short wait.
+    srvlb.wait_log("accepting paused", Duration::from_secs(5));
 
     // Churn at the limit: one closes, one waiting client is served, the pause goes on.
     drop(served.pop());
@@ -461,6 +463,13 @@ fn under_descriptor_exhaustion_healthz_answers_and_the_cap_is_shown() {
         "{l}"
     );
     assert!(fds < 128, "the reserve stays free: {fds} descriptors open");
+    assert!(
+        srvlb
+            .log()
+            .iter()
+            .any(|l| l.contains("accepting paused") && l.contains("fd_cap")),
+        "the pause at the descriptor cap is logged with its reason"
+    );
     assert!(
         !srvlb.log_contains("Too many open files"),
         "srvlb ran into EMFILE although the cap should stop it first"
