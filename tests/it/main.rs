@@ -17,5 +17,7 @@ mod discovery;
 mod dns_server;
 mod e2e;
 mod faults;
+mod properties;
 mod reload;
+mod soak;
 mod source_limits;

@@ -9,11 +9,11 @@
 //! - SIGHUPs under load: no failure, no growth.
 //!
 //! The default variants are bounded to a few seconds each so `scripts/test` stays quick;
-//! `SRVLB_SOAK=long` runs the full sizes (about 3 minutes). The figures are printed (see them
-//! with `--nocapture`). The soaks run one at a time: they share the test process's
+//! `SRVLB_SOAK=long` runs the full sizes (about 2 minutes; run them alone, as in
+//! `SRVLB_SOAK=long cargo test --test it soak:: -- --nocapture`, since the largest one uses
+//! nearly every descriptor this process may open). The figures are printed (see them with
+//! `--nocapture`). The soaks run one at a time: they share the test process's
 //! descriptors and measure CPU.
-
-mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{Dns, ManyEcho, SRV_NAME, Srvlb, eventually, free_port, http_get};
 use serde_json::Value;
-use support::harness::{Dns, ManyEcho, SRV_NAME, Srvlb, eventually, free_port, http_get};
 
 fn long() -> bool {
     std::env::var("SRVLB_SOAK").is_ok_and(|v| v == "long")
@@ -105,7 +105,7 @@ fn raise_nofile() -> u64 {
 
 /// Descriptors held by idle splice pipes (two per pipe), from /metrics; 0 where none.
 fn idle_pipe_fds(admin: SocketAddr) -> usize {
-    support::harness::metric_value(&http_get(admin, "/metrics"), "srvlb_splice_pipes_idle ")
+    crate::support::harness::metric_value(&http_get(admin, "/metrics"), "srvlb_splice_pipes_idle ")
         .map_or(0, |n| 2 * n as usize)
 }
 

@@ -1,10 +1,9 @@
 //! Property tests (proptest) of the parts that take input from outside:
 //! - the config parser and validator, on arbitrary text and on generated configs: an error
 //!   that names file:line:col (or the file), or a plan, never a panic;
-//! - the PROXY protocol v1/v2 writer: what it writes decodes (with the small decoder below)
-//!   to the addresses it was given. srvlb has no PROXY parser yet (it only sends the header;
-//!   accepting it from a load balancer in front is a later issue), so the round trip stands
-//!   in for parser tests;
+//! - the PROXY protocol v1/v2 code: the parser (`accept_proxy`) on arbitrary bytes never
+//!   panics, a decision it makes is final (more bytes never change a header or a refusal),
+//!   and what the writer (`send_proxy`) writes decodes to the addresses it was given;
 //! - pool building on arbitrary SRV answer sets: tiers, weights, caps, and backend identity
 //!   across refreshes.
 //!
@@ -19,7 +18,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use srvlb::config::{Balance, Config, ConfigError, ProxyProtocol};
 use srvlb::pool::{BackendState, Endpoint, MAX_TIERS, Pool};
-use srvlb::proxy::proxy_protocol;
+use srvlb::proxy::proxy_protocol::{self, Decoded, ProxyHeader};
 
 fn cases(default: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
@@ -319,92 +318,6 @@ proptest! {
 
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
-/// What a header says: the client and local addresses, or `None` for UNKNOWN / UNSPEC
-/// (the backend then uses the connection's own addresses).
-type Announced = Option<(SocketAddr, SocketAddr)>;
-
-/// A minimal PROXY v1 decoder (proxy-protocol.txt section 2.1), strict about the format.
-fn decode_v1(bytes: &[u8]) -> Result<Announced, String> {
-    if bytes.len() > 107 {
-        return Err(format!("v1 line of {} bytes exceeds 107", bytes.len()));
-    }
-    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
-    let line = text.strip_suffix("\r\n").ok_or("no CRLF")?;
-    if line.contains(['\r', '\n']) {
-        return Err("CR or LF inside the line".into());
-    }
-    let parts: Vec<&str> = line.split(' ').collect();
-    match parts.as_slice() {
-        ["PROXY", "UNKNOWN"] => Ok(None),
-        ["PROXY", family @ ("TCP4" | "TCP6"), src, dst, sport, dport] => {
-            let src: IpAddr = src.parse().map_err(|e| format!("source {src}: {e}"))?;
-            let dst: IpAddr = dst.parse().map_err(|e| format!("destination {dst}: {e}"))?;
-            if (*family == "TCP4") != (src.is_ipv4() && dst.is_ipv4())
-                || src.is_ipv4() != dst.is_ipv4()
-            {
-                return Err(format!("{family} with {src} and {dst}"));
-            }
-            let port = |p: &str| -> Result<u16, String> {
-                if p.starts_with('0') && p != "0" {
-                    return Err(format!("port {p} has a leading zero"));
-                }
-                p.parse().map_err(|e| format!("port {p}: {e}"))
-            };
-            Ok(Some((
-                SocketAddr::new(src, port(sport)?),
-                SocketAddr::new(dst, port(dport)?),
-            )))
-        }
-        _ => Err(format!("not a v1 line: {line:?}")),
-    }
-}
-
-/// A minimal PROXY v2 decoder (section 2.2) for the PROXY command over TCP.
-fn decode_v2(bytes: &[u8]) -> Result<Announced, String> {
-    let head = bytes.get(..16).ok_or("shorter than the fixed header")?;
-    if head[..12] != V2_SIGNATURE {
-        return Err("bad signature".into());
-    }
-    if head[12] != 0x21 {
-        return Err(format!("version/command {:#04x}", head[12]));
-    }
-    let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
-    let body = &bytes[16..];
-    if body.len() != len {
-        return Err(format!("length {len} but {} bytes follow", body.len()));
-    }
-    let port = |i: usize| u16::from_be_bytes([body[i], body[i + 1]]);
-    match (head[13], len) {
-        (0x00, _) => Ok(None),
-        (0x11, 12) => {
-            let ip = |i: usize| {
-                IpAddr::V4(Ipv4Addr::new(
-                    body[i],
-                    body[i + 1],
-                    body[i + 2],
-                    body[i + 3],
-                ))
-            };
-            Ok(Some((
-                SocketAddr::new(ip(0), port(8)),
-                SocketAddr::new(ip(4), port(10)),
-            )))
-        }
-        (0x21, 36) => {
-            let ip = |i: usize| {
-                let mut octets = [0u8; 16];
-                octets.copy_from_slice(&body[i..i + 16]);
-                IpAddr::V6(Ipv6Addr::from(octets))
-            };
-            Ok(Some((
-                SocketAddr::new(ip(0), port(32)),
-                SocketAddr::new(ip(16), port(34)),
-            )))
-        }
-        (family, len) => Err(format!("family {family:#04x} with length {len}")),
-    }
-}
-
 fn unmapped(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V6(v6) => v6
@@ -426,6 +339,38 @@ fn socket_addr() -> impl Strategy<Value = SocketAddr> {
     ]
 }
 
+/// Bytes a PROXY parser meets: anything, or a real signature followed by anything (so the
+/// cases get past the signature check), or a real header cut or followed by payload.
+fn proxy_input() -> impl Strategy<Value = Vec<u8>> {
+    let tail = prop::collection::vec(any::<u8>(), 0..64);
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..64),
+        tail.clone().prop_map(|t| [&V2_SIGNATURE[..], &t].concat()),
+        (tail.clone(), 0x20u8..0x22, 0u8..0x40)
+            .prop_map(|(t, cmd, fam)| { [&V2_SIGNATURE[..], &[cmd, fam], &t].concat() }),
+        "[ -~]{0,40}".prop_map(|t| format!("PROXY {t}").into_bytes()),
+        "(TCP4|TCP6|UNKNOWN) [0-9a-f.:]{0,40} [0-9a-f.:]{0,40} [0-9]{0,6} [0-9]{0,6}(\r\n)?"
+            .prop_map(|t| format!("PROXY {t}").into_bytes()),
+        (
+            socket_addr(),
+            socket_addr(),
+            any::<bool>(),
+            any::<prop::sample::Index>(),
+            tail
+        )
+            .prop_map(|(c, l, v1, cut, t)| {
+                let version = if v1 {
+                    ProxyProtocol::V1
+                } else {
+                    ProxyProtocol::V2
+                };
+                let h = proxy_protocol::header(version, c, l);
+                let keep = cut.index(h.len() + 1);
+                [&h[..keep], &t].concat()
+            }),
+    ]
+}
+
 proptest! {
     #![proptest_config(cases(256))]
 
@@ -433,38 +378,57 @@ proptest! {
     fn proxy_headers_decode_to_the_addresses_given(
         client in socket_addr(),
         local in socket_addr(),
+        payload in prop::collection::vec(any::<u8>(), 0..32),
     ) {
         let (c, l) = (unmapped(client), unmapped(local));
         let expected = (c.is_ipv4() == l.is_ipv4()).then_some((c, l));
-        let v1 = proxy_protocol::header(ProxyProtocol::V1, client, local);
-        prop_assert_eq!(decode_v1(&v1), Ok(expected), "{:?}", String::from_utf8_lossy(&v1));
-        let v2 = proxy_protocol::header(ProxyProtocol::V2, client, local);
-        prop_assert_eq!(decode_v2(&v2), Ok(expected), "{:02x?}", v2);
-    }
-
-    /// The decoders reject what the writer would never produce (so the round trip above is
-    /// not vacuous): a header cut short or with a byte changed does not decode to the same.
-    #[test]
-    fn damaged_headers_do_not_decode_to_the_same(
-        client in socket_addr(),
-        local in socket_addr(),
-        cut in any::<prop::sample::Index>(),
-        flip in any::<prop::sample::Index>(),
-    ) {
         for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
             let header = proxy_protocol::header(version, client, local);
-            let decode = |b: &[u8]| match version {
-                ProxyProtocol::V1 => decode_v1(b),
-                ProxyProtocol::V2 => decode_v2(b),
-            };
-            let good = decode(&header);
-            let short = &header[..cut.index(header.len())];
-            prop_assert_ne!(decode(short), good.clone(), "cut to {}", short.len());
-            let mut changed = header.clone();
-            let i = flip.index(changed.len());
-            changed[i] ^= 0x01;
-            // A changed address or port byte decodes to other addresses; anything else fails.
-            prop_assert_ne!(decode(&changed), good, "byte {} flipped", i);
+            if version == ProxyProtocol::V1 {
+                prop_assert!(header.len() <= 107, "v1 line of {} bytes", header.len());
+            }
+            let with_payload = [&header[..], &payload].concat();
+            prop_assert_eq!(
+                proxy_protocol::decode(&with_payload),
+                Decoded::Header {
+                    header: ProxyHeader { version, addresses: expected },
+                    length: header.len(),
+                },
+                "{:02x?}", header
+            );
+            // Every strict prefix is a header still arriving.
+            for cut in 0..header.len() {
+                prop_assert_eq!(
+                    proxy_protocol::decode(&header[..cut]),
+                    Decoded::Incomplete,
+                    "{:?} cut to {}", version, cut
+                );
+            }
+        }
+    }
+
+    /// On any input the parser answers without panicking, and its answer is final: only
+    /// `Incomplete` may change when more bytes arrive; a header is as long as it says and
+    /// decodes alone to the same.
+    #[test]
+    fn the_proxy_parser_decides_once_on_arbitrary_bytes(
+        bytes in proxy_input(),
+        more in prop::collection::vec(any::<u8>(), 1..16),
+    ) {
+        let decoded = proxy_protocol::decode(&bytes);
+        let extended = proxy_protocol::decode(&[&bytes[..], &more].concat());
+        match &decoded {
+            Decoded::Header { length, .. } => {
+                prop_assert!(*length <= bytes.len());
+                prop_assert_eq!(&proxy_protocol::decode(&bytes[..*length]), &decoded);
+                prop_assert_eq!(&extended, &decoded, "more bytes changed a header");
+            }
+            Decoded::Invalid(_) => {
+                prop_assert_eq!(&extended, &decoded, "more bytes changed a refusal");
+            }
+            Decoded::Incomplete => {
+                prop_assert!(bytes.len() < 16 + 65_535 + 107, "incomplete forever");
+            }
         }
     }
 }
