@@ -207,8 +207,9 @@ fn soak_many_connections_are_held_and_all_released() {
         Some(target as u64),
         "srvlb proxies every held client"
     );
+    // Two per connection; the baseline itself moves by a few (idle pipes, an admin request).
     assert!(
-        fds_held >= fds_before + 2 * target,
+        fds_held + 8 >= fds_before + 2 * target,
         "two descriptors per connection: {fds_before} -> {fds_held}"
     );
     assert!(
