@@ -1,11 +1,20 @@
 //! The admin endpoint: `/metrics` (Prometheus text format), `/status` (JSON of services,
-//! tiers, backends and their health) and `/healthz`. A deliberately tiny HTTP/1.1 responder:
-//! one request per connection, GET only. It reads shared state and changes nothing.
+//! listeners, tiers, backends and their health, and the descriptor budget) and `/healthz`. A
+//! deliberately tiny HTTP/1.1 responder: one request per connection, GET only. It reads shared
+//! state and changes nothing.
+//!
+//! It must answer when the rest of the process is under stress, so no client can hold it:
+//! a request head must arrive within `HEAD_TIMEOUT`, anything that is not HTTP gets a 400 as
+//! soon as that is clear, and when every slot is taken a new connection evicts the oldest one
+//! still sending its head instead of waiting behind it. Its descriptors are part of the
+//! reserve `fd_budget` keeps free of proxied connections, and a spare descriptor lets it
+//! accept one more even when something else has used up the process's limit.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -13,34 +22,71 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::fd_budget::{FdBudget, MAX_ADMIN_SLOTS};
 use crate::health::now_ms;
 use crate::pool::BackendState;
+use crate::proxy::LogThrottle;
+use crate::proxy::backlog::Backlog;
+use crate::proxy::listener::{ConnectionTracker, ListenerStatus, Pause};
 use crate::service::Service;
 
-/// Admin connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// From accept to the end of the request head. An operator's client sends its request at
+/// once; a client that trickles it (a byte a second) is cut off here.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The whole exchange, from accept to close. A client that sends a request and never reads
 /// the answer (or reads it a byte a minute) would otherwise hold a task and an fd for good.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest request head read; a longer one gets 431.
+const MAX_HEAD: usize = 8192;
+
+/// After an error answer, how long unread request bytes are drained before closing, so the
+/// kernel does not turn the close into a reset that destroys the answer in flight.
+const LINGER: Duration = Duration::from_millis(200);
+
 /// What the admin endpoint reports, updated by control.
 #[derive(Debug, Default)]
 pub struct AdminState {
     services: ArcSwap<Vec<Arc<Service>>>,
+    listeners: ArcSwap<Vec<Arc<ListenerStatus>>>,
+    process: Mutex<Option<(FdBudget, ConnectionTracker)>>,
+    /// Admin connections served at once (from the budget); 0 until set means the maximum.
+    slots: AtomicUsize,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     last_reload: Mutex<Option<(bool, String)>>,
+    evictions: AtomicU64,
+    bad_requests: AtomicU64,
 }
 
 impl AdminState {
     pub fn set_services(&self, mut services: Vec<Arc<Service>>) {
         services.sort_by(|a, b| a.name.cmp(&b.name));
         self.services.store(Arc::new(services));
+    }
+
+    /// The proxy listeners to report, in any order.
+    pub fn set_listeners(&self, mut listeners: Vec<Arc<ListenerStatus>>) {
+        listeners.sort_by_key(|l| l.addr);
+        self.listeners.store(Arc::new(listeners));
+    }
+
+    /// The descriptor budget in force and the tracker of proxied connections.
+    pub fn set_budget(&self, budget: FdBudget, tracker: ConnectionTracker) {
+        self.slots.store(budget.admin_slots, Ordering::Relaxed);
+        *self.process.lock() = Some((budget, tracker));
+    }
+
+    fn slots(&self) -> usize {
+        match self.slots.load(Ordering::Relaxed) {
+            0 => MAX_ADMIN_SLOTS,
+            n => n,
+        }
     }
 
     pub fn record_reload(&self, ok: bool, message: String) {
@@ -75,32 +121,7 @@ impl Admin {
         let socket = crate::proxy::listener::bind(addr)?;
         let addr = socket.local_addr()?;
         let listener = TcpListener::from_std(socket)?;
-        let task = tokio::spawn(async move {
-            // A permit is taken before accepting, as the proxy listeners do: beyond the cap,
-            // clients wait in the kernel backlog (holding no fd or task of ours) and are
-            // served as soon as a slot frees, at the latest one RESPONSE_TIMEOUT later. Closing
-            // them at once instead would fail a legitimate scrape that happens to arrive
-            // during a flood, and save nothing the backlog does not already bound.
-            let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-            loop {
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                    return; // never closed
-                };
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let state = Arc::clone(&state);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(RESPONSE_TIMEOUT, respond(stream, &state)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => debug!(error = %e, "admin request failed"),
-                        Err(_) => debug!("admin client too slow; connection closed"),
-                    }
-                });
-            }
-        });
+        let task = tokio::spawn(accept_loop(listener, state));
         Ok(Admin { addr, task })
     }
 
@@ -121,45 +142,337 @@ impl Drop for Admin {
     }
 }
 
-async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    // Read the request head (bounded in size and time; this endpoint serves operators).
-    let head_complete = tokio::time::timeout(Duration::from_secs(5), async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
+/// One admin connection, as the slot table sees it.
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    /// True once the request head is complete and the answer is being written: such a
+    /// connection is evicted only when no connection is still sending its head.
+    answering: AtomicBool,
+    /// Told to close; it stays in the table (and counts) until its task has ended.
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+/// The open admin connections, oldest first. At most `max` live ones, plus at most one that
+/// was evicted and is closing, so the endpoint never holds more than `max + 1` descriptors.
+#[derive(Debug, Default)]
+struct Slots {
+    open: Mutex<VecDeque<Arc<Slot>>>,
+    next_id: AtomicU64,
+    released: Notify,
+}
+
+impl Slots {
+    /// Registers a new connection; when `max` are live already, evicts the oldest one still
+    /// sending its head (or, if every one is answering, the oldest). True when one was
+    /// evicted.
+    fn admit(&self, max: usize) -> (Arc<Slot>, bool) {
+        let slot = Arc::new(Slot {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            answering: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        let mut open = self.open.lock();
+        let mut evicted = false;
+        loop {
+            let live: Vec<&Arc<Slot>> = open
+                .iter()
+                .filter(|s| !s.evicted.load(Ordering::Relaxed))
+                .collect();
+            if live.len() < max.max(1) {
                 break;
             }
-            request.extend_from_slice(&buf[..n]);
+            let victim = live
+                .iter()
+                .find(|s| !s.answering.load(Ordering::Relaxed))
+                .unwrap_or(&live[0]);
+            victim.evicted.store(true, Ordering::Relaxed);
+            // notify_one keeps the wake-up if the task is not waiting yet.
+            victim.evict.notify_one();
+            evicted = true;
         }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(head_complete, Ok(Ok(()))) {
-        return Ok(());
+        open.push_back(Arc::clone(&slot));
+        (slot, evicted)
     }
-    let head = String::from_utf8_lossy(&request);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(state)),
-        ("GET", "/status") => ("200 OK", "application/json", status_json(state)),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
+
+    fn release(&self, id: u64) {
+        let mut open = self.open.lock();
+        if let Some(i) = open.iter().position(|s| s.id == id) {
+            open.remove(i);
+        }
+        drop(open);
+        self.released.notify_waiters();
+    }
+
+    /// Waits until at most `max` connections (live or closing) are open, so that accepting
+    /// one more stays within `max + 1`. Evicted connections close within moments.
+    async fn room(&self, max: usize) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.open.lock().len() <= max.max(1) {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+static ADMIN_ACCEPT_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+
+async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
+    let slots = Arc::new(Slots::default());
+    // Closed to make room for one accept when the process is out of descriptors.
+    let mut spare = open_spare();
+    loop {
+        slots.room(state.slots()).await;
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let exhausted = matches!(e.raw_os_error(), Some(23 | 24));
+                if exhausted && spare.take().is_some() {
+                    // The spare's descriptor is free now: this accept can succeed.
+                    if ADMIN_ACCEPT_LOG.allow() {
+                        warn!(error = %e, "admin accept: out of descriptors; using the spare");
+                    }
+                    continue;
+                }
+                if ADMIN_ACCEPT_LOG.allow() {
+                    warn!(error = %e, "admin accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                spare = spare.or_else(open_spare);
+                continue;
+            }
+        };
+        let (slot, evicted) = slots.admit(state.slots());
+        if evicted {
+            state.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        let (state, slots) = (Arc::clone(&state), Arc::clone(&slots));
+        tokio::spawn(async move {
+            let serve = tokio::time::timeout(RESPONSE_TIMEOUT, serve(stream, &slot, &state));
+            tokio::select! {
+                result = serve => match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(error = %e, "admin request failed"),
+                    Err(_) => debug!("admin client too slow; connection closed"),
+                },
+                () = slot.evict.notified() => debug!("admin connection evicted for a newer one"),
+            }
+            slots.release(slot.id);
+        });
+        if spare.is_none() {
+            spare = open_spare();
+        }
+    }
+}
+
+/// A descriptor held in reserve (see the module doc); `None` if none can be had now.
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// How a request head ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// Complete: method and path (query string removed).
+    Request { method: String, path: String },
+    /// Not HTTP/1.x, as far as it got; answered with 400 at once.
+    Malformed(&'static str),
+    /// Longer than `MAX_HEAD`.
+    TooLarge,
+    /// The bytes so far are a valid start: read more.
+    Incomplete,
+}
+
+/// Parses as much of a request head as `buf` holds. Lines may end in CRLF or a bare LF
+/// (RFC 9112 §2.2 lets a recipient accept LF alone; curl never sends it, people with nc do).
+fn parse_head(buf: &[u8]) -> Head {
+    let mut lines = buf.split_inclusive(|&b| b == b'\n');
+    let Some(first) = lines.next() else {
+        return Head::Incomplete;
+    };
+    let complete = first.ends_with(b"\n");
+    let line = trim_eol(first);
+    if let Some(why) = request_line_problem(line, complete) {
+        return Head::Malformed(why);
+    }
+    if !complete {
+        return if buf.len() >= MAX_HEAD {
+            Head::TooLarge
+        } else {
+            Head::Incomplete
+        };
+    }
+    for raw in lines {
+        let complete = raw.ends_with(b"\n");
+        let field = trim_eol(raw);
+        if complete && field.is_empty() {
+            let text = String::from_utf8_lossy(line);
+            let mut parts = text.split(' ');
+            let method = parts.next().unwrap_or("").to_owned();
+            let target = parts.next().unwrap_or("");
+            let path = target.split('?').next().unwrap_or("").to_owned();
+            return Head::Request { method, path };
+        }
+        if let Some(why) = field_problem(field, complete) {
+            return Head::Malformed(why);
+        }
+    }
+    if buf.len() >= MAX_HEAD {
+        Head::TooLarge
+    } else {
+        Head::Incomplete
+    }
+}
+
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Why `line` (possibly only its beginning) cannot be an HTTP/1.x request line.
+fn request_line_problem(line: &[u8], complete: bool) -> Option<&'static str> {
+    let mut parts = line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or(b"");
+    if !method.iter().all(u8::is_ascii_uppercase) || method.len() > 16 {
+        return Some("the method is not an upper-case token");
+    }
+    let Some(target) = parts.next() else {
+        // Only (part of) the method so far.
+        return complete.then_some("no request target");
+    };
+    if method.is_empty() {
+        return Some("empty method");
+    }
+    if !target.iter().all(|b| b.is_ascii_graphic()) {
+        return Some("the request target has control or non-ASCII bytes");
+    }
+    let version = parts.next();
+    if parts.next().is_some() {
+        return Some("too many spaces in the request line");
+    }
+    match version {
+        None if complete => Some("no HTTP version"),
+        None => None,
+        Some(v) => {
+            let want: &[u8] = b"HTTP/1.";
+            let prefix_ok = if v.len() <= want.len() {
+                want.starts_with(v)
+            } else {
+                v.starts_with(want) && v.len() == want.len() + 1 && matches!(v[7], b'0' | b'1')
+            };
+            if !prefix_ok || (complete && v.len() != want.len() + 1) {
+                Some("not HTTP/1.0 or HTTP/1.1")
+            } else if complete && !target.starts_with(b"/") && target != b"*" {
+                Some("the request target is not a path")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Why `field` (possibly only its beginning) cannot be a header line.
+fn field_problem(field: &[u8], complete: bool) -> Option<&'static str> {
+    if field.first().is_some_and(|&b| b == b' ' || b == b'\t') {
+        return Some("obsolete line folding");
+    }
+    if field.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+        return Some("control bytes in a header");
+    }
+    if complete && !field.contains(&b':') {
+        return Some("a header line without a colon");
+    }
+    None
+}
+
+/// Reads the request head until it is complete, malformed or too large; `None` when the
+/// client closed or `HEAD_TIMEOUT` passed first.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Head>> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let reading = async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            request.extend_from_slice(&buf[..n]);
+            match parse_head(&request) {
+                Head::Incomplete => continue,
+                head => return Ok(Some(head)),
+            }
+        }
+    };
+    match tokio::time::timeout(HEAD_TIMEOUT, reading).await {
+        Ok(result) => result,
+        Err(_) => Ok(None),
+    }
+}
+
+async fn serve(mut stream: TcpStream, slot: &Slot, state: &AdminState) -> std::io::Result<()> {
+    let Some(head) = read_head(&mut stream).await? else {
+        return Ok(());
+    };
+    let (status, content_type, body) = match head {
+        Head::Request { method, path } => {
+            slot.answering.store(true, Ordering::Relaxed);
+            match (method.as_str(), path.as_str()) {
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(state)),
+                ("GET", "/status") => ("200 OK", "application/json", status_json(state)),
+                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_owned(),
+                ),
+            }
+        }
+        Head::Malformed(why) => {
+            state.bad_requests.fetch_add(1, Ordering::Relaxed);
+            debug!(why, "malformed admin request");
+            (
+                "400 Bad Request",
+                "text/plain",
+                format!("bad request: {why}\n"),
+            )
+        }
+        Head::TooLarge => {
+            state.bad_requests.fetch_add(1, Ordering::Relaxed);
+            (
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n".to_owned(),
+            )
+        }
+        Head::Incomplete => return Ok(()), // read_head never returns it
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    if !status.starts_with("200") {
+        // The client may still be sending: read what it sends for a moment, so that the
+        // close is a FIN and not a reset that could destroy the answer before it is read.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    Ok(())
 }
 
 /// Escapes a Prometheus label value.
@@ -181,9 +494,6 @@ type ServiceMetric = (
 fn metrics(state: &AdminState) -> String {
     let services = state.services.load();
     let mut out = String::with_capacity(4096);
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     let service_counters: [ServiceMetric; 15] = [
         (
             "srvlb_service_connections_total",
@@ -434,6 +744,8 @@ fn metrics(state: &AdminState) -> String {
         );
         let _ = writeln!(out, "srvlb_splice_pipes_created_total {}", PIPES.created());
     }
+    listener_metrics(&mut out, state);
+    process_metrics(&mut out, state);
     for (name, help, value) in [
         (
             "srvlb_access_log_lines_total",
@@ -466,6 +778,169 @@ fn metrics(state: &AdminState) -> String {
         state.reloads_failed.load(Ordering::Relaxed)
     );
     out
+}
+
+/// The listeners with their accept queues, read now.
+fn listeners_with_backlog(state: &AdminState) -> Vec<(Arc<ListenerStatus>, Option<Backlog>)> {
+    let listeners = state.listeners.load();
+    let inodes: Vec<u64> = listeners.iter().filter_map(|l| l.inode()).collect();
+    let backlogs = crate::proxy::backlog::read(&inodes);
+    listeners
+        .iter()
+        .map(|l| {
+            let backlog = l.inode().and_then(|i| backlogs.get(&i).copied());
+            (Arc::clone(l), backlog)
+        })
+        .collect()
+}
+
+fn backlog_capacity() -> Option<u64> {
+    crate::proxy::backlog::capacity(crate::proxy::listener::BACKLOG as u64)
+}
+
+fn listener_metrics(out: &mut String, state: &AdminState) {
+    let rows = listeners_with_backlog(state);
+    let labels = |l: &ListenerStatus| {
+        format!(
+            "listen=\"{}\",service=\"{}\"",
+            l.addr,
+            label(&l.service_name())
+        )
+    };
+    family(
+        out,
+        "srvlb_listener_backlog",
+        "gauge",
+        "Clients whose connection the kernel completed and srvlb has not accepted yet.",
+    );
+    for (l, backlog) in &rows {
+        if let Some(b) = backlog {
+            let _ = writeln!(out, "srvlb_listener_backlog{{{}}} {}", labels(l), b.queued);
+        }
+    }
+    if let Some(capacity) = backlog_capacity() {
+        family(
+            out,
+            "srvlb_listener_backlog_capacity",
+            "gauge",
+            "Size of the listen backlog (4096, capped by net.core.somaxconn); beyond it SYNs are dropped.",
+        );
+        for (l, _) in &rows {
+            let _ = writeln!(
+                out,
+                "srvlb_listener_backlog_capacity{{{}}} {capacity}",
+                labels(l)
+            );
+        }
+    }
+    family(
+        out,
+        "srvlb_listener_accepting",
+        "gauge",
+        "1 when the listener accepts new clients, 0 while it waits (see srvlb_listener_paused).",
+    );
+    for (l, _) in &rows {
+        let accepting = u8::from(l.paused().is_none());
+        let _ = writeln!(out, "srvlb_listener_accepting{{{}}} {accepting}", labels(l));
+    }
+    family(
+        out,
+        "srvlb_listener_paused",
+        "gauge",
+        "1 for the reason the listener is not accepting now (max_connections, fd_cap, accept_backoff).",
+    );
+    for (l, _) in &rows {
+        let current = l.paused().map(|(reason, _)| reason);
+        for reason in Pause::ALL {
+            let _ = writeln!(
+                out,
+                "srvlb_listener_paused{{{},reason=\"{}\"}} {}",
+                labels(l),
+                reason.label(),
+                u8::from(current == Some(reason))
+            );
+        }
+    }
+    family(
+        out,
+        "srvlb_listener_pauses_total",
+        "counter",
+        "Times the listener stopped accepting, by reason.",
+    );
+    for (l, _) in &rows {
+        for reason in Pause::ALL {
+            let _ = writeln!(
+                out,
+                "srvlb_listener_pauses_total{{{},reason=\"{}\"}} {}",
+                labels(l),
+                reason.label(),
+                l.pauses_total(reason)
+            );
+        }
+    }
+}
+
+fn process_metrics(out: &mut String, state: &AdminState) {
+    let process = state.process.lock().clone();
+    let mut gauge = |name: &str, help: &str, value: Option<u64>| {
+        if let Some(value) = value {
+            family(out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+    };
+    if let Some((budget, tracker)) = &process {
+        gauge(
+            "srvlb_fd_limit",
+            "The soft RLIMIT_NOFILE the descriptor cap was derived from (absent: unlimited).",
+            budget.limit,
+        );
+        gauge(
+            "srvlb_fd_reserve",
+            "Descriptors kept free of proxied connections (admin, DNS, pipes, listeners).",
+            Some(budget.reserve),
+        );
+        gauge(
+            "srvlb_connection_cap",
+            "Proxied connections allowed at once across all services (from RLIMIT_NOFILE).",
+            Some(budget.connection_cap as u64),
+        );
+        gauge(
+            "srvlb_proxied_connections",
+            "Proxied connections open now, across all services.",
+            Some(tracker.open() as u64),
+        );
+    }
+    gauge(
+        "srvlb_fd_open",
+        "Descriptors the process has open now.",
+        crate::fd_budget::open_fds(),
+    );
+    family(
+        out,
+        "srvlb_admin_evictions_total",
+        "counter",
+        "Admin connections closed to make room for a newer one (all slots taken).",
+    );
+    let _ = writeln!(
+        out,
+        "srvlb_admin_evictions_total {}",
+        state.evictions.load(Ordering::Relaxed)
+    );
+    family(
+        out,
+        "srvlb_admin_bad_requests_total",
+        "counter",
+        "Admin requests answered 400 or 431.",
+    );
+    let _ = writeln!(
+        out,
+        "srvlb_admin_bad_requests_total {}",
+        state.bad_requests.load(Ordering::Relaxed)
+    );
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 fn status_json(state: &AdminState) -> String {
@@ -552,8 +1027,40 @@ fn status_json(state: &AdminState) -> String {
             })
         })
         .collect();
+    let now = now_ms();
+    let listeners: Vec<serde_json::Value> = listeners_with_backlog(state)
+        .into_iter()
+        .map(|(l, backlog)| {
+            let paused = l.paused();
+            json!({
+                "address": l.addr.to_string(),
+                "service": l.service_name(),
+                "accepting": paused.is_none(),
+                "paused_reason": paused.map(|(reason, _)| reason.label()),
+                "paused_for_ms": paused.map(|(_, since)| now.saturating_sub(since)),
+                "backlog": backlog.map(|b| b.queued),
+                "backlog_capacity": backlog_capacity(),
+                "pauses": Pause::ALL
+                    .iter()
+                    .map(|r| (r.label().to_owned(), json!(l.pauses_total(*r))))
+                    .collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    let process = state.process.lock().clone().map(|(budget, tracker)| {
+        json!({
+            "fd_limit": budget.limit,
+            "fd_reserve": budget.reserve,
+            "fd_open": crate::fd_budget::open_fds(),
+            "connection_cap": budget.connection_cap,
+            "proxied_connections": tracker.open(),
+            "admin_slots": budget.admin_slots,
+        })
+    });
     let body = json!({
         "services": services,
+        "listeners": listeners,
+        "process": process,
         "reload": state.last_reload(),
     });
     let mut text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
@@ -564,6 +1071,140 @@ fn status_json(state: &AdminState) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(method: &str, path: &str) -> Head {
+        Head::Request {
+            method: method.to_owned(),
+            path: path.to_owned(),
+        }
+    }
+
+    #[test]
+    fn heads_with_crlf_or_bare_lf_are_complete() {
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            request("GET", "/metrics")
+        );
+        assert_eq!(
+            parse_head(b"GET /healthz?x=1 HTTP/1.0\nHost: x\n\n"),
+            request("GET", "/healthz")
+        );
+        assert_eq!(
+            parse_head(b"GET /status HTTP/1.1\n\n"),
+            request("GET", "/status")
+        );
+        assert_eq!(parse_head(b"POST / HTTP/1.1\r\n\r\n"), request("POST", "/"));
+    }
+
+    #[test]
+    fn a_valid_beginning_is_incomplete() {
+        for prefix in [
+            &b""[..],
+            b"G",
+            b"GET",
+            b"GET ",
+            b"GET /met",
+            b"GET /metrics HTT",
+            b"GET /metrics HTTP/1.1\r",
+            b"GET /metrics HTTP/1.1\r\nHost: x",
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n",
+        ] {
+            assert_eq!(
+                parse_head(prefix),
+                Head::Incomplete,
+                "{:?}",
+                String::from_utf8_lossy(prefix)
+            );
+        }
+    }
+
+    #[test]
+    fn anything_else_is_malformed_as_soon_as_it_shows() {
+        for bad in [
+            &b"\x16\x03\x01\x02\x00"[..], // a TLS ClientHello
+            b"\x00\xff",
+            b"get / HTTP/1.1\r\n",
+            b"GET\r\n",
+            b"GET / FTP/1.0",
+            b"GET / HTTP/2.0\r\n",
+            b"GET  / HTTP/1.1",
+            b"GET / HTTP/1.1 x",
+            b"GET /\x01 HTTP/1.1",
+            b"GET x HTTP/1.1\r\n",
+            b"GET / HTTP/1.1\r\n folded\r\n",
+            b"GET / HTTP/1.1\r\nno colon\r\n",
+            b"GET / HTTP/1.1\r\nA: \x00\r\n",
+            b"\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(bad), Head::Malformed(_)),
+                "{:?} -> {:?}",
+                String::from_utf8_lossy(bad),
+                parse_head(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn an_endless_head_is_too_large() {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        while head.len() < MAX_HEAD {
+            head.extend_from_slice(b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        assert_eq!(parse_head(&head), Head::TooLarge);
+        let long_line = vec![b'/'; MAX_HEAD];
+        let mut line = b"GET ".to_vec();
+        line.extend_from_slice(&long_line);
+        assert_eq!(parse_head(&line), Head::TooLarge);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_still_sending_its_head() {
+        let slots = Slots::default();
+        let evicted = |slots: &Slots| -> Vec<u64> {
+            let open = slots.open.lock();
+            open.iter()
+                .filter(|s| s.evicted.load(Ordering::Relaxed))
+                .map(|s| s.id)
+                .collect()
+        };
+        let (a, _) = slots.admit(3);
+        let (b, _) = slots.admit(3);
+        let (c, _) = slots.admit(3);
+        a.answering.store(true, Ordering::Relaxed);
+        let (d, was_evicted) = slots.admit(3);
+        assert!(was_evicted);
+        assert_eq!(evicted(&slots), vec![b.id], "b: the oldest not answering");
+        slots.release(b.id);
+        // Everyone answering: the oldest goes.
+        for s in [&c, &d] {
+            s.answering.store(true, Ordering::Relaxed);
+        }
+        let (_e, _) = slots.admit(3);
+        assert_eq!(evicted(&slots), vec![a.id]);
+        assert_eq!(slots.open.lock().len(), 4, "three live and one closing");
+        slots.release(a.id);
+        assert_eq!(slots.open.lock().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn accepting_waits_for_an_evicted_connection_to_close() {
+        let slots = Arc::new(Slots::default());
+        let (first, _) = slots.admit(1);
+        let (_second, evicted) = slots.admit(1);
+        assert!(evicted && first.evicted.load(Ordering::Relaxed));
+        let waiting = tokio::spawn({
+            let slots = Arc::clone(&slots);
+            async move { slots.room(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "two open: no room for a third");
+        slots.release(first.id);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("room once the evicted one closed")
+            .expect("task");
+    }
 
     #[tokio::test]
     async fn dropping_the_admin_closes_its_socket() {

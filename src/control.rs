@@ -18,6 +18,7 @@ use crate::access_log;
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
+use crate::fd_budget::FdBudget;
 use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::{ConnectionLimit, Service};
@@ -54,6 +55,8 @@ pub struct Server {
     tracker: ConnectionTracker,
     admin: Option<Admin>,
     admin_state: Arc<AdminState>,
+    /// The descriptor budget in force (see `apply_fd_budget`).
+    budget: Option<FdBudget>,
 }
 
 impl Server {
@@ -77,6 +80,7 @@ impl Server {
             tracker: ConnectionTracker::default(),
             admin: None,
             admin_state,
+            budget: None,
         };
         server.apply(config).await?;
         Ok(server)
@@ -210,6 +214,9 @@ impl Server {
             }
         }
 
+        // The descriptor cap, in force before the new listeners accept their first client.
+        self.apply_fd_budget(&next);
+
         // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
         let mut listeners = HashMap::new();
         for cfg in &next.services {
@@ -258,8 +265,46 @@ impl Server {
         }
         self.admin_state
             .set_services(self.services.values().cloned().collect());
+        self.admin_state.set_listeners(
+            self.listeners
+                .values()
+                .map(|l| Arc::clone(l.status()))
+                .collect(),
+        );
         self.config = next;
         Ok(())
+    }
+
+    /// Derives the process-wide connection cap from RLIMIT_NOFILE as it is now (a reload
+    /// picks up a limit changed with prlimit) and the listeners open, and puts it in force.
+    fn apply_fd_budget(&mut self, next: &Config) {
+        let sockets = next.services.iter().map(|s| s.listen.len()).sum::<usize>()
+            + usize::from(next.global.admin.is_some());
+        let budget = FdBudget::current(sockets);
+        if self.budget == Some(budget) {
+            return;
+        }
+        self.tracker.set_cap(budget.connection_cap);
+        self.admin_state.set_budget(budget, self.tracker.clone());
+        let max_connections: usize = next
+            .services
+            .iter()
+            .map(|s| s.max_connections)
+            .fold(0, usize::saturating_add);
+        let limit = budget
+            .limit
+            .map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+        if budget.is_starved() {
+            warn!(fd_limit = %limit, fd_reserve = budget.reserve, connection_cap = budget.connection_cap,
+                "RLIMIT_NOFILE is too low for the descriptor reserve; raise it (LimitNOFILE= in the unit)");
+        } else if max_connections > budget.connection_cap {
+            warn!(fd_limit = %limit, fd_reserve = budget.reserve, connection_cap = budget.connection_cap, max_connections,
+                "the services' max_connections add up to more than the descriptors allow; the descriptor cap applies first");
+        } else {
+            info!(fd_limit = %limit, fd_reserve = budget.reserve, connection_cap = budget.connection_cap, max_connections,
+                "descriptor budget");
+        }
+        self.budget = Some(budget);
     }
 
     /// The connection limit for a service started from `cfg`: the running service's of the

@@ -13,6 +13,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod discovery;
+pub mod fd_budget;
 pub mod health;
 pub mod log_throttle;
 pub mod pool;

@@ -57,6 +57,7 @@ fn main() -> ExitCode {
 
 fn check(config: &Config, resolve: bool) -> ExitCode {
     print!("{}", config.plan());
+    print!("{}", process_plan(config));
     if resolve {
         let runtime = match runtime(&mut tokio::runtime::Builder::new_current_thread()) {
             Ok(rt) => rt,
@@ -68,6 +69,35 @@ fn check(config: &Config, resolve: bool) -> ExitCode {
     }
     println!("configuration ok");
     ExitCode::SUCCESS
+}
+
+/// The part of the plan that depends on the process, not the file: the descriptor cap.
+fn process_plan(config: &Config) -> String {
+    use srvlb::fd_budget::FdBudget;
+    let sockets = config
+        .services
+        .iter()
+        .map(|s| s.listen.len())
+        .sum::<usize>()
+        + usize::from(config.global.admin.is_some());
+    let budget = FdBudget::current(sockets);
+    let max_connections = config
+        .services
+        .iter()
+        .map(|s| s.max_connections)
+        .fold(0, usize::saturating_add);
+    let mut out = format!("\nprocess\n  {:<19}{budget}\n", "connection cap");
+    out.push_str(&format!(
+        "  {:<19}from this process's RLIMIT_NOFILE; under systemd LimitNOFILE= sets it\n",
+        ""
+    ));
+    if max_connections > budget.connection_cap {
+        out.push_str(&format!(
+            "  {:<19}the services' max_connections add up to {max_connections}: the cap applies first\n",
+            ""
+        ));
+    }
+    out
 }
 
 /// Looks every SRV name up once and prints the backends; false when a lookup failed.

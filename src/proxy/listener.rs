@@ -1,26 +1,29 @@
-//! Listening sockets and their accept loops. A listener takes a connection permit before it
-//! accepts, so at `max_connections` clients wait in the kernel backlog instead of being reset,
-//! and accept errors such as EMFILE back off instead of spinning a core.
+//! Listening sockets and their accept loops. A listener takes a connection permit of its
+//! service (`max_connections`) and one of the process-wide descriptor cap before it accepts,
+//! so at either limit clients wait in the kernel backlog instead of being reset, and accept
+//! errors such as EMFILE back off instead of spinning a core. Each listener publishes whether
+//! it is accepting and, when not, why (`ListenerStatus`), and logs a pause once.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use super::{LogThrottle, serve_client, set_keepalive};
-use crate::service::Service;
+use crate::health::now_ms;
+use crate::service::{ConnectionLimit, Service};
 
 /// Kernel accept queue length; the kernel caps it at net.core.somaxconn.
-const BACKLOG: i32 = 4096;
+pub const BACKLOG: i32 = 4096;
 
 /// Binds a listening socket the way a long-running proxy needs it: SO_REUSEADDR so a restart
 /// does not wait for TIME_WAIT, SO_REUSEPORT so several acceptors can share a port,
@@ -48,10 +51,22 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Counts open client connections across all listeners so shutdown can wait for them.
-#[derive(Debug, Clone, Default)]
+/// Counts open client connections across all listeners so shutdown can wait for them, and
+/// holds the process-wide connection cap (derived from RLIMIT_NOFILE, see `fd_budget`) that
+/// every listener takes a permit of before it accepts. Unlimited until `set_cap`.
+#[derive(Debug, Clone)]
 pub struct ConnectionTracker {
     inner: Arc<TrackerInner>,
+    cap: Arc<ConnectionLimit>,
+}
+
+impl Default for ConnectionTracker {
+    fn default() -> ConnectionTracker {
+        ConnectionTracker {
+            inner: Arc::default(),
+            cap: Arc::new(ConnectionLimit::new(ConnectionLimit::MAX)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -111,6 +126,17 @@ impl ConnectionTracker {
         self.inner.cut.send_replace(true);
     }
 
+    /// Sets the process-wide cap on proxied connections. Lowering it below the connections
+    /// open closes none: listeners wait until enough have ended.
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.resize("(process descriptor cap)", cap);
+    }
+
+    /// The semaphore of the process-wide cap.
+    pub fn cap(&self) -> &Arc<Semaphore> {
+        self.cap.semaphore()
+    }
+
     /// Resolves once no connection is open.
     pub async fn wait_idle(&self) {
         loop {
@@ -125,12 +151,170 @@ impl ConnectionTracker {
     }
 }
 
+/// Why a listener is not accepting right now. Clients meanwhile wait in its backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// The service has `max_connections` open.
+    MaxConnections,
+    /// The process has as many proxied connections as its descriptors allow (`fd_budget`).
+    FdCap,
+    /// accept(2) failed (EMFILE and the like) and the loop is backing off.
+    AcceptBackoff,
+}
+
+impl Pause {
+    pub const ALL: [Pause; 3] = [Pause::MaxConnections, Pause::FdCap, Pause::AcceptBackoff];
+
+    /// The label in metrics, status and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Pause::MaxConnections => "max_connections",
+            Pause::FdCap => "fd_cap",
+            Pause::AcceptBackoff => "accept_backoff",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What one listener shows /metrics and /status: its address, the service it feeds, whether
+/// its accept loop is waiting and for what, and how often it had to.
+#[derive(Debug)]
+pub struct ListenerStatus {
+    pub addr: SocketAddr,
+    /// The socket's inode, by which its accept queue is found (`backlog::read`).
+    inode: Option<u64>,
+    service: Arc<ArcSwap<Service>>,
+    /// 0 while accepting (or waiting for a client), else 1 + `Pause::index`.
+    paused: AtomicU8,
+    /// When the current wait began, on the `now_ms` clock.
+    paused_since_ms: AtomicU64,
+    /// Pause episodes (as logged) per reason.
+    pauses: [AtomicU64; 3],
+}
+
+impl ListenerStatus {
+    fn new(addr: SocketAddr, inode: Option<u64>, service: Arc<ArcSwap<Service>>) -> Self {
+        ListenerStatus {
+            addr,
+            inode,
+            service,
+            paused: AtomicU8::new(0),
+            paused_since_ms: AtomicU64::new(0),
+            pauses: Default::default(),
+        }
+    }
+
+    pub fn service_name(&self) -> String {
+        self.service.load().name.clone()
+    }
+
+    pub fn inode(&self) -> Option<u64> {
+        self.inode
+    }
+
+    /// Why the loop is waiting now, and since when (`now_ms` clock); `None` while accepting.
+    pub fn paused(&self) -> Option<(Pause, u64)> {
+        let code = self.paused.load(Ordering::Relaxed);
+        let reason = *Pause::ALL.get(usize::from(code).checked_sub(1)?)?;
+        Some((reason, self.paused_since_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Pause episodes for `reason` since the listener started.
+    pub fn pauses_total(&self, reason: Pause) -> u64 {
+        self.pauses[reason.index()].load(Ordering::Relaxed)
+    }
+
+    fn set_paused(&self, reason: Option<Pause>) {
+        if let Some(reason) = reason {
+            self.paused_since_ms.store(now_ms(), Ordering::Relaxed);
+            self.paused
+                .store(reason.index() as u8 + 1, Ordering::Relaxed);
+        } else {
+            self.paused.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A pause shorter than this is not logged (nor counted): at a limit with connections
+/// churning, a listener waits a few milliseconds for each permit, and one line per
+/// connection would flood the log while telling nothing the gauges do not.
+const PAUSE_LOG_AFTER: Duration = Duration::from_millis(250);
+
+/// One pause of a listener: from the first wait for a permit until nobody waits any more.
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    since: std::time::Instant,
+    logged: bool,
+}
+
+/// Logs each pause of a listener once, when it has lasted `PAUSE_LOG_AFTER`, and once when it
+/// ends. A pause spans the short waits for one permit after another while clients keep
+/// waiting; it ends when there is room again (a permit without waiting) or nobody is left
+/// in the backlog (the listener holds its permits and waits for a client).
+#[derive(Debug)]
+struct PauseLog {
+    episodes: [Option<Episode>; 3],
+}
+
+impl PauseLog {
+    fn new() -> PauseLog {
+        PauseLog {
+            episodes: [None; 3],
+        }
+    }
+
+    /// A wait for `reason` begins; returns the episode it belongs to.
+    fn enter(&mut self, reason: Pause) -> Episode {
+        *self.episodes[reason.index()].get_or_insert(Episode {
+            since: std::time::Instant::now(),
+            logged: false,
+        })
+    }
+
+    /// Logs the pause if it has lasted long enough (or at once with `now`).
+    fn maybe_log(&mut self, status: &ListenerStatus, reason: Pause, now: bool) {
+        let Some(episode) = &mut self.episodes[reason.index()] else {
+            return;
+        };
+        if episode.logged || (!now && episode.since.elapsed() < PAUSE_LOG_AFTER) {
+            return;
+        }
+        episode.logged = true;
+        status.pauses[reason.index()].fetch_add(1, Ordering::Relaxed);
+        warn!(
+            listener = %status.addr,
+            service = %status.service_name(),
+            reason = reason.label(),
+            "accepting paused; new clients wait in the listen backlog"
+        );
+    }
+
+    fn leave(&mut self, status: &ListenerStatus, reason: Pause) {
+        let Some(episode) = self.episodes[reason.index()].take() else {
+            return;
+        };
+        if episode.logged {
+            info!(
+                listener = %status.addr,
+                service = %status.service_name(),
+                reason = reason.label(),
+                paused_ms = episode.since.elapsed().as_millis() as u64,
+                "accepting resumed"
+            );
+        }
+    }
+}
+
 /// A running accept loop. The service it feeds can be swapped on reload without touching
 /// the socket.
 #[derive(Debug)]
 pub struct Listener {
     pub addr: SocketAddr,
     service: Arc<ArcSwap<Service>>,
+    status: Arc<ListenerStatus>,
     /// Ticks after each swap, so an accept loop waiting for a permit of the old service's
     /// limit (which may never come: the old service can sit at its limit for hours) starts
     /// over with the new service's.
@@ -171,18 +355,22 @@ impl Listener {
     /// Starts accepting on a bound socket. Must run inside the tokio runtime.
     pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {
         let slot = Arc::new(ArcSwap::new(service));
+        let inode = super::backlog::socket_inode(&bound.listener);
+        let status = Arc::new(ListenerStatus::new(bound.addr, inode, Arc::clone(&slot)));
         let (stop, stop_rx) = watch::channel(false);
         let (swapped, swapped_rx) = watch::channel(());
         let task = tokio::spawn(accept_loop(
             bound.listener,
             Arc::clone(&slot),
             tracker,
+            Arc::clone(&status),
             swapped_rx,
             stop_rx,
         ));
         Listener {
             addr: bound.addr,
             service: slot,
+            status,
             swapped,
             stop,
             task,
@@ -191,6 +379,11 @@ impl Listener {
 
     pub fn service(&self) -> Arc<Service> {
         self.service.load_full()
+    }
+
+    /// What /metrics and /status show of this listener.
+    pub fn status(&self) -> &Arc<ListenerStatus> {
+        &self.status
     }
 
     pub fn set_service(&self, service: Arc<Service>) {
@@ -213,16 +406,70 @@ impl Listener {
 
 static ACCEPT_ERROR_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 
+/// What a wait inside the accept loop ended with.
+enum Step<T> {
+    Got(T),
+    /// The service was swapped: start over with the new one's limit.
+    Restart,
+    /// The listener is closing.
+    Stop,
+}
+
+/// Takes a permit of `limit`, showing the listener paused for `reason` while it waits.
+async fn take_permit(
+    limit: &Arc<Semaphore>,
+    reason: Pause,
+    status: &ListenerStatus,
+    pauses: &mut PauseLog,
+    swapped: &mut watch::Receiver<()>,
+    stop: &mut watch::Receiver<bool>,
+) -> Step<OwnedSemaphorePermit> {
+    if let Ok(permit) = Arc::clone(limit).try_acquire_owned() {
+        pauses.leave(status, reason);
+        return Step::Got(permit);
+    }
+    status.set_paused(Some(reason));
+    let episode = pauses.enter(reason);
+    let log_at = tokio::time::Instant::from_std(episode.since + PAUSE_LOG_AFTER);
+    let mut logged = episode.logged;
+    let step = loop {
+        tokio::select! {
+            permit = Arc::clone(limit).acquire_owned() => break match permit {
+                Ok(permit) => Step::Got(permit),
+                Err(_) => Step::Stop, // the semaphore is never closed; nothing sensible to do
+            },
+            changed = swapped.changed() => break match changed {
+                Ok(()) => Step::Restart,
+                Err(_) => Step::Stop, // the Listener was dropped
+            },
+            _ = stop.wait_for(|stop| *stop) => break Step::Stop,
+            () = tokio::time::sleep_until(log_at), if !logged => {
+                pauses.maybe_log(status, reason, false);
+                logged = true;
+            }
+        }
+    };
+    status.set_paused(None);
+    pauses.maybe_log(status, reason, false);
+    if matches!(step, Step::Got(_)) && limit.available_permits() > 0 {
+        pauses.leave(status, reason);
+    }
+    step
+}
+
 async fn accept_loop(
     listener: TcpListener,
     slot: Arc<ArcSwap<Service>>,
     tracker: ConnectionTracker,
+    status: Arc<ListenerStatus>,
     mut swapped: watch::Receiver<()>,
     mut stop: watch::Receiver<bool>,
 ) {
     let addr = listener.local_addr().ok();
     let mut backoff = AcceptBackoff::default();
     let mut keepalive_set = None;
+    let mut pauses = PauseLog::new();
+    let cap = Arc::clone(tracker.cap());
     loop {
         // Marked seen before the load, so a swap after the load is never missed.
         swapped.borrow_and_update();
@@ -237,33 +484,67 @@ async fn accept_loop(
         }
         // On a swap, start over: the permit must come from the limit of the service that
         // will serve the connection (when the name stays, that is the same, resized, limit).
-        let permit = tokio::select! {
-            permit = Arc::clone(service.limit()).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return, // the semaphore is never closed; nothing sensible to do
-            },
-            changed = swapped.changed() => match changed {
-                Ok(()) => continue,
-                Err(_) => break, // the Listener was dropped
-            },
-            _ = stop.wait_for(|stop| *stop) => break,
+        let limit = Arc::clone(service.limit());
+        let permit = match take_permit(
+            &limit,
+            Pause::MaxConnections,
+            &status,
+            &mut pauses,
+            &mut swapped,
+            &mut stop,
+        )
+        .await
+        {
+            Step::Got(permit) => permit,
+            Step::Restart => continue,
+            Step::Stop => break,
         };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            changed = swapped.changed() => match changed {
-                Ok(()) => continue, // accept is cancel-safe: nothing is lost
-                Err(_) => break,
-            },
-            _ = stop.wait_for(|stop| *stop) => break,
+        // The process-wide cap second: a service at its own limit does not hold a
+        // descriptor permit other services could use.
+        let fd_permit = match take_permit(
+            &cap,
+            Pause::FdCap,
+            &status,
+            &mut pauses,
+            &mut swapped,
+            &mut stop,
+        )
+        .await
+        {
+            Step::Got(permit) => permit,
+            Step::Restart => continue,
+            Step::Stop => break,
+        };
+        // A client already waiting is taken at once. Otherwise nobody is left in the
+        // backlog, and a pause for a limit is over.
+        let immediate = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            listener.poll_accept(&mut cx)
+        };
+        let accepted = match immediate {
+            Poll::Ready(accepted) => accepted,
+            Poll::Pending => {
+                pauses.leave(&status, Pause::MaxConnections);
+                pauses.leave(&status, Pause::FdCap);
+                tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    changed = swapped.changed() => match changed {
+                        Ok(()) => continue, // accept is cancel-safe: nothing is lost
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff.success();
+                pauses.leave(&status, Pause::AcceptBackoff);
                 // Served by the service whose permit it holds; a swap since then restarts
                 // the loop for the next client (`swapped`).
                 let tracked = tracker.track();
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _permits = (permit, fd_permit);
                     serve_client(service, stream, peer, tracked).await;
                 });
             }
@@ -282,20 +563,29 @@ async fn accept_loop(
                         warn!(listener = ?addr, error = %e, consecutive = backoff.consecutive, backoff_ms, "accept keeps failing; backing off");
                     }
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.wait_for(|stop| *stop) => break,
+                status.set_paused(Some(Pause::AcceptBackoff));
+                pauses.enter(Pause::AcceptBackoff);
+                pauses.maybe_log(&status, Pause::AcceptBackoff, true);
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = stop.wait_for(|stop| *stop) => true,
+                };
+                status.set_paused(None);
+                if stopped {
+                    break;
                 }
             }
         }
     }
+    status.set_paused(None);
     let drained = drain_backlog(&listener, &slot, &tracker);
     info!(listener = ?addr, drained, "listener closed");
 }
 
 /// Serves the connections the kernel has already completed in the backlog: closing the socket
 /// would reset them although they arrived while the listener was still configured. Stops at
-/// the first empty poll, at the connection limit, or after one backlog's worth.
+/// the first empty poll, at the connection limit or the descriptor cap, or after one
+/// backlog's worth.
 fn drain_backlog(
     listener: &TcpListener,
     slot: &ArcSwap<Service>,
@@ -307,6 +597,9 @@ fn drain_backlog(
     let mut drained = 0;
     for _ in 0..BACKLOG {
         let Ok(permit) = Arc::clone(service.limit()).try_acquire_owned() else {
+            break;
+        };
+        let Ok(fd_permit) = Arc::clone(tracker.cap()).try_acquire_owned() else {
             break;
         };
         let (stream, peer) = match listener.poll_accept(&mut cx) {
@@ -321,7 +614,7 @@ fn drain_backlog(
         let service = Arc::clone(&service);
         let tracked = tracker.track();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, fd_permit);
             serve_client(service, stream, peer, tracked).await;
         });
     }

@@ -7,6 +7,7 @@
 //! (`health::judge`).
 //! It reads service state; it never changes the pool's membership.
 
+pub mod backlog;
 pub mod connect;
 pub mod copy;
 pub mod listener;

@@ -18,6 +18,8 @@ mod discovery;
 mod dns_server;
 mod e2e;
 mod faults;
+mod properties;
 mod reload;
 mod resolvers_e2e;
+mod soak;
 mod source_limits;

@@ -52,13 +52,43 @@ impl Srvlb {
         srvlb
     }
 
+    /// Starts srvlb with RLIMIT_NOFILE (soft and hard) set to `nofile` for it alone.
+    pub fn start_with_nofile(config: &str, nofile: u64) -> Srvlb {
+        let srvlb = Self::spawn(config, &[], Some(nofile));
+        srvlb.wait_log("srvlb ready", Duration::from_secs(10));
+        srvlb
+    }
+
     /// Spawns srvlb without waiting for it to be ready (for tests that watch startup itself,
     /// e.g. through NOTIFY_SOCKET).
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Srvlb {
+        Self::spawn(config, env, None)
+    }
+
+    /// The binary under test: the one cargo built, or `SRVLB_TEST_BIN` (to measure another
+    /// build, e.g. the previous release, with the same tests).
+    fn binary() -> PathBuf {
+        std::env::var_os("SRVLB_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_srvlb")))
+    }
+
+    /// Spawns srvlb; with `nofile`, through `sh -c 'ulimit -n N; exec srvlb ...'` so that
+    /// the limit applies to srvlb alone (the same pid: `exec` replaces the shell).
+    fn spawn(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Srvlb {
         let dir = temp_dir("srvlb");
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_srvlb"));
+        let mut cmd = match nofile {
+            None => Command::new(Self::binary()),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(Self::binary());
+                sh
+            }
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -157,6 +187,36 @@ impl Srvlb {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// Resident memory of the srvlb process in KiB (VmRSS), 0 if unreadable.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU time (user + system) the srvlb process has used so far, from /proc/PID/stat.
+    pub fn cpu_time(&self) -> Duration {
+        let ticks = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                // Fields after the parenthesised command name; utime and stime are the
+                // 14th and 15th fields of the line, the 12th and 13th after ")".
+                let rest = s.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime: u64 = fields.get(11)?.parse().ok()?;
+                let stime: u64 = fields.get(12)?.parse().ok()?;
+                Some(utime + stime)
+            })
+            .unwrap_or(0);
+        // USER_HZ is 100 on every Linux architecture srvlb runs on.
+        Duration::from_millis(ticks * 10)
     }
 }
 
@@ -310,6 +370,72 @@ fn socket_reset(stream: &TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
+/// An echo backend on a tokio runtime of its own: it holds thousands of connections with one
+/// thread, where `TestBackend` spends a thread on each. For soaks. Stops when dropped.
+pub struct ManyEcho {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+}
+
+impl ManyEcho {
+    pub fn start() -> ManyEcho {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime.block_on(async {
+            for _ in 0..20 {
+                if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", free_port())).await {
+                    return l;
+                }
+            }
+            panic!("cannot bind an echo backend");
+        });
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&open);
+        runtime.spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    count.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        });
+        ManyEcho {
+            runtime: Some(runtime),
+            addr,
+            open,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Connections open to this backend now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ManyEcho {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Connects through srvlb and returns the name of the backend that answered.
 pub fn who_answers(addr: SocketAddr) -> std::io::Result<String> {
     who_answers_from(addr, None)
@@ -376,6 +502,34 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     body.to_owned()
 }
 
+/// GETs `path` from the admin endpoint, timing it from connect to the end of the response:
+/// `(elapsed, status line, body)`. Errors instead of panicking (for tests that measure).
+pub fn timed_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(Duration, String, String)> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("").to_owned();
+    Ok((elapsed, status, body.to_owned()))
+}
+
+/// The value of the first /metrics line that starts with `prefix` (name and labels).
+pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// The SRV name the in-process DNS fixture publishes by default.
 pub const SRV_NAME: &str = "_app._tcp.srvlb.test.";
 
@@ -415,15 +569,25 @@ impl Dns {
     }
 
     pub fn publish_on(&self, srv: &str, ttl: u32, backends: &[(&TestBackend, u16, u16)]) {
+        let named: Vec<(&str, u16, u16, u16)> = backends
+            .iter()
+            .map(|(b, priority, weight)| (b.name.as_str(), b.port(), *priority, *weight))
+            .collect();
+        self.publish_ports(srv, ttl, &named);
+    }
+
+    /// Like `publish_on` for backends given as (name, port, priority, weight), e.g. a
+    /// `ManyEcho`.
+    pub fn publish_ports(&self, srv: &str, ttl: u32, backends: &[(&str, u16, u16, u16)]) {
         let mut records = Vec::new();
-        for (b, priority, weight) in backends {
-            let host = srv_host(&b.name);
+        for (name, port, priority, weight) in backends {
+            let host = srv_host(name);
             self.server
                 .set_addrs(&host, 1, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
             records.push(super::dns::Srv {
                 priority: *priority,
                 weight: *weight,
-                port: b.port(),
+                port: *port,
                 target: host,
             });
         }
