@@ -157,7 +157,13 @@ impl Writer {
     fn run(mut self, receiver: Receiver<Box<AccessRecord>>) {
         let mut line = String::with_capacity(256);
         loop {
-            match receiver.recv_timeout(FLUSH_EVERY) {
+            let received = receiver.recv_timeout(FLUSH_EVERY);
+            // Before writing: a reload that changed the format applies to the lines of the
+            // connections that close after it.
+            if REOPEN.swap(false, Ordering::AcqRel) {
+                self.reopen();
+            }
+            match received {
                 Ok(record) => self.write(&record, &mut line),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -170,9 +176,6 @@ impl Writer {
             }
             if let Err(e) = self.out.flush() {
                 error!(path = %self.path.display(), error = %e, "access log write failed");
-            }
-            if REOPEN.swap(false, Ordering::AcqRel) {
-                self.reopen();
             }
         }
     }

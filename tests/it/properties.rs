@@ -503,15 +503,38 @@ fn check_snapshot(pool: &Pool, answer: &[Endpoint]) -> Result<(), TestCaseError>
     for tier in &snapshot.tiers {
         prop_assert!(!tier.backends.is_empty());
         prop_assert_eq!(tier.backends.len(), tier.weights.len());
+        prop_assert_eq!(tier.backends.len(), tier.srv_weights.len());
         prop_assert!(
             tier.backends.windows(2).all(|w| w[0].key < w[1].key),
             "tier not sorted"
         );
-        for (b, w) in tier.backends.iter().zip(&tier.weights) {
+        // The record's weight as published, and the selection weight it was split into:
+        // zero stays zero, and a target's addresses share their record's weight equally.
+        for ((b, srv_weight), weight) in tier
+            .backends
+            .iter()
+            .zip(&tier.srv_weights)
+            .zip(&tier.weights)
+        {
             let k = (b.key.target.to_string(), b.key.port, b.key.addr);
-            prop_assert_eq!(
-                want.get(&k),
-                Some(&(tier.priority, u16::try_from(*w).unwrap_or(0)))
+            prop_assert_eq!(want.get(&k), Some(&(tier.priority, *srv_weight)));
+            prop_assert_eq!(*srv_weight == 0, *weight == 0);
+            // (Generated answers may give one target's addresses different weights, which
+            // real SRV records cannot; compare only addresses published with the same one.)
+            let siblings: Vec<u32> = tier
+                .backends
+                .iter()
+                .zip(&tier.srv_weights)
+                .zip(&tier.weights)
+                .filter(|((o, ow), _)| {
+                    o.key.target == b.key.target && o.key.port == b.key.port && ow == &srv_weight
+                })
+                .map(|(_, w)| *w)
+                .collect();
+            prop_assert!(
+                siblings.iter().all(|w| w == weight),
+                "uneven split {:?}",
+                siblings
             );
         }
     }
