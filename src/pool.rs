@@ -412,7 +412,7 @@ pub const MAX_BACKENDS: usize = 10_000;
 pub const MAX_TIERS: usize = 32;
 
 /// True when another address of `backend`'s SRV target and port in `tier` takes traffic.
-fn sibling_usable(tier: &Tier, backend: &Arc<Backend>, now: u64) -> bool {
+pub(crate) fn sibling_usable(tier: &Tier, backend: &Arc<Backend>, now: u64) -> bool {
     tier.backends.iter().any(|other| {
         !Arc::ptr_eq(other, backend)
             && other.key.target == backend.key.target

@@ -599,8 +599,8 @@ impl Discovery {
                 if self.status.succeed() {
                     info!(service = %self.service, srv, backends = endpoints.len(), "DNS lookups recovered");
                 }
-                if let Some(absent) = self.absent.take() {
-                    *self.status.absence.lock() = None;
+                let was_absent = self.absent.take();
+                if let Some(absent) = was_absent {
                     if absent.emptied {
                         info!(service = %self.service, srv, backends = endpoints.len(), absent_ms = absent.since.elapsed().as_millis() as u64, "SRV records are back; restoring the backends the empty hold had removed");
                     } else {
@@ -608,6 +608,11 @@ impl Discovery {
                     }
                 }
                 self.accept_answer(endpoints).await;
+                // Only now that the pool holds the answer: /status must not say the hold is
+                // over while clients would still find no backend.
+                if was_absent.is_some() {
+                    *self.status.absence.lock() = None;
+                }
                 let previous = std::mem::replace(&mut self.srv_ttl, ttl);
                 refresh_after(ttl, previous, &self.settings, &mut rand::rng())
             }

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::{FailureVerdict, now_ms};
 use crate::config::ServiceConfig;
 use crate::log_throttle::LogThrottle;
-use crate::pool::Backend;
+use crate::pool::{Backend, sibling_usable};
 use crate::proxy::copy::{End, Side, Transfer};
 use crate::service::Service;
 
@@ -85,6 +85,7 @@ pub(crate) fn record_failure(
 ) {
     let policy = &config.health;
     let count = backend.health.count_failure(now_ms(), policy);
+    let mut address_unused = false;
     let verdict = if count.ejection_due {
         // Held across the cap check and the ejection so that concurrent failures of
         // different backends cannot together exceed max_ejected_percent. Taken only at the
@@ -93,10 +94,10 @@ pub(crate) fn record_failure(
         let _gate = service.pool.ejection_gate();
         let snapshot = service.pool.snapshot();
         let now = now_ms();
+        let tier = snapshot.tier_of(backend);
+        address_unused = tier.is_some_and(|tier| sibling_usable(tier, backend, now));
         backend.health.try_eject(now, policy, || {
-            snapshot
-                .tier_of(backend)
-                .is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
+            tier.is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
         })
     } else {
         FailureVerdict::Counted {
@@ -104,6 +105,27 @@ pub(crate) fn record_failure(
         }
     };
     match verdict {
+        // One address of a target failing while another works (an AAAA record on a host
+        // without IPv6 reachability, say) is not a broken backend: the target keeps serving,
+        // /status shows the address as `address_unused`, and the log says so plainly.
+        FailureVerdict::Ejected {
+            consecutive,
+            duration,
+            ..
+        } if address_unused => {
+            if let Some(suppressed) = EJECTION_LOG.permit() {
+                info!(
+                    service = %service.name,
+                    backend = %backend.addr(),
+                    target = %backend.key.target,
+                    failures = consecutive,
+                    ejection_ms = duration.as_millis() as u64,
+                    reason = why,
+                    suppressed,
+                    "address unused: it fails while another address of the same target works"
+                );
+            }
+        }
         FailureVerdict::Ejected {
             consecutive,
             duration,

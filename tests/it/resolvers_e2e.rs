@@ -699,6 +699,11 @@ fn dnsmasq_dual_stack_target_on_a_v4_only_backend_does_not_look_broken() {
                 Some("address_unused"),
                 "{backends}"
             );
+            // Nor does the log call it an ejected backend.
+            assert!(
+                srvlb.log_contains("address unused") && !srvlb.log_contains("backend ejected"),
+                "the log reports the unused v6 address as a broken backend"
+            );
         } else {
             assert!(
                 v6.is_none(),
