@@ -570,13 +570,13 @@ fn metrics(state: &AdminState) -> String {
             "srvlb_dns_stale",
             "gauge",
             "1 when the last DNS lookup failed and the last known backends are served.",
-            |s| u64::from(s.discovery.stale.load(Ordering::Relaxed)),
+            |s| u64::from(s.discovery_status.stale.load(Ordering::Relaxed)),
         ),
         (
             "srvlb_dns_absent",
             "gauge",
             "1 while DNS says the service is absent (NXDOMAIN, NODATA, target \".\").",
-            |s| u64::from(s.discovery.absence.lock().is_some()),
+            |s| u64::from(s.discovery_status.absence.lock().is_some()),
         ),
         (
             "srvlb_dns_empty_hold",
@@ -584,7 +584,7 @@ fn metrics(state: &AdminState) -> String {
             "1 during the empty hold: DNS says absent, the last backends still serve.",
             |s| {
                 u64::from(
-                    s.discovery
+                    s.discovery_status
                         .absence
                         .lock()
                         .as_ref()
@@ -597,7 +597,7 @@ fn metrics(state: &AdminState) -> String {
             "gauge",
             "Seconds until the empty hold ends and the SRV backends are removed (0 when none).",
             |s| {
-                s.discovery
+                s.discovery_status
                     .absence
                     .lock()
                     .as_ref()
@@ -622,7 +622,7 @@ fn metrics(state: &AdminState) -> String {
             out,
             "srvlb_dns_refreshes_total{{service=\"{}\"}} {}",
             label(&s.name),
-            s.discovery.refreshes.load(Ordering::Relaxed)
+            s.discovery_status.refreshes.load(Ordering::Relaxed)
         );
     }
     family(
@@ -636,7 +636,7 @@ fn metrics(state: &AdminState) -> String {
             out,
             "srvlb_dns_failures_total{{service=\"{}\"}} {}",
             label(&s.name),
-            s.discovery.failures.load(Ordering::Relaxed)
+            s.discovery_status.failures.load(Ordering::Relaxed)
         );
     }
     let backend_metrics: [(&str, &str, &str); 8] = [
@@ -1010,11 +1010,11 @@ fn status_json(state: &AdminState) -> String {
                 "balance": format!("{:?}", cfg.balance).to_lowercase(),
                 "active_connections": s.stats.active.load(Ordering::Relaxed),
                 "dns": {
-                    "stale": s.discovery.stale.load(Ordering::Relaxed),
-                    "refreshes": s.discovery.refreshes.load(Ordering::Relaxed),
-                    "failures": s.discovery.failures.load(Ordering::Relaxed),
-                    "last_error": s.discovery.last_error.lock().clone(),
-                    "empty_hold": s.discovery.absence.lock().as_ref().map(|a| json!({
+                    "stale": s.discovery_status.stale.load(Ordering::Relaxed),
+                    "refreshes": s.discovery_status.refreshes.load(Ordering::Relaxed),
+                    "failures": s.discovery_status.failures.load(Ordering::Relaxed),
+                    "last_error": s.discovery_status.last_error.lock().clone(),
+                    "empty_hold": s.discovery_status.absence.lock().as_ref().map(|a| json!({
                         "in_hold": a.in_hold(),
                         "emptied": a.emptied,
                         "reason": a.reason,

@@ -352,7 +352,8 @@ impl Server {
         }
     }
 
-    pub fn reloads(&self) -> &AdminState {
+    /// What the admin endpoint shows of the process (services, last reload).
+    pub fn admin_state(&self) -> &AdminState {
         &self.admin_state
     }
 }
@@ -389,7 +390,11 @@ fn notify(states: &[NotifyState]) {
 /// The STATUS= line: what runs and how the last reload went. One line, because the notify
 /// protocol is newline-separated and a multi-line error would be cut into bogus fields.
 fn status_line(server: &Server) -> String {
-    let line = format!("{}; {}", server.summary(), server.reloads().last_reload());
+    let line = format!(
+        "{}; {}",
+        server.summary(),
+        server.admin_state().last_reload()
+    );
     line.replace(['\n', '\r'], " ")
 }
 
@@ -479,12 +484,12 @@ async fn reload(server: &mut Server, path: &Path) {
     match result {
         Ok(()) => {
             info!(summary = %server.summary(), "configuration reloaded");
-            server.reloads().record_reload(true, "ok".to_owned());
+            server.admin_state().record_reload(true, "ok".to_owned());
         }
         Err(e) => {
             // `error` is exactly what `srvlb check` prints for the same file.
             error!(error = %e, "reload refused; the previous configuration keeps serving");
-            server.reloads().record_reload(false, e.to_string());
+            server.admin_state().record_reload(false, e.to_string());
         }
     }
     notify(&[

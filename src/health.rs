@@ -169,9 +169,12 @@ impl Health {
         })
     }
 
-    /// Records one failure. `may_eject` is asked only when the threshold is reached and says
-    /// whether ejecting this backend keeps its tier within `max_ejected_percent`.
-    pub fn record_failure(
+    /// Both halves at once, for the tests of the arithmetic: counts one failure and, at the
+    /// threshold, ejects when `may_eject` (asked only then) says the tier stays within
+    /// `max_ejected_percent`. The proxy calls the halves itself, taking the ejection gate
+    /// between them (`health::judge::record_failure`).
+    #[cfg(test)]
+    pub(crate) fn count_and_try_eject(
         &self,
         now: u64,
         policy: &HealthConfig,
@@ -186,7 +189,7 @@ impl Health {
         self.try_eject(now, policy, may_eject)
     }
 
-    /// The lock-free half of `record_failure`: counts the failure and says whether an
+    /// The lock-free half of recording a failure: counts the failure and says whether an
     /// ejection is due. Most failures stop here, so the proxy takes its ejection lock (and
     /// scans the tier for the cap) only when this says so.
     pub fn count_failure(&self, now: u64, policy: &HealthConfig) -> FailureCount {
@@ -201,7 +204,7 @@ impl Health {
         }
     }
 
-    /// The second half of `record_failure`, after `count_failure` said an ejection is due.
+    /// The second half of recording a failure, after `count_failure` said an ejection is due.
     /// Callers that must keep `max_ejected_percent` across backends hold their lock around
     /// this call; the count is checked again because a success (or another task's
     /// ejection) may have come in between.
@@ -301,15 +304,15 @@ mod tests {
         let h = Health::default();
         let p = policy();
         assert_eq!(
-            h.record_failure(1000, &p, || true),
+            h.count_and_try_eject(1000, &p, || true),
             FailureVerdict::Counted { consecutive: 1 }
         );
         assert_eq!(
-            h.record_failure(1001, &p, || true),
+            h.count_and_try_eject(1001, &p, || true),
             FailureVerdict::Counted { consecutive: 2 }
         );
         assert!(h.is_available(1002));
-        let v = h.record_failure(1002, &p, || true);
+        let v = h.count_and_try_eject(1002, &p, || true);
         assert_eq!(
             v,
             FailureVerdict::Ejected {
@@ -327,15 +330,15 @@ mod tests {
     fn success_resets_the_count() {
         let h = Health::default();
         let p = policy();
-        h.record_failure(1, &p, || true);
-        h.record_failure(2, &p, || true);
+        h.count_and_try_eject(1, &p, || true);
+        h.count_and_try_eject(2, &p, || true);
         assert_eq!(
             h.record_success(2, 3),
             None,
             "never ejected: nothing to re-admit"
         );
         assert_eq!(
-            h.record_failure(3, &p, || true),
+            h.count_and_try_eject(3, &p, || true),
             FailureVerdict::Counted { consecutive: 1 }
         );
     }
@@ -345,7 +348,7 @@ mod tests {
         let h = Health::default();
         let p = policy();
         for t in 0..3 {
-            h.record_failure(100 + t, &p, || true);
+            h.count_and_try_eject(100 + t, &p, || true);
         }
         let mut now = 102;
         let mut expected = 10u64;
@@ -353,7 +356,7 @@ mod tests {
             let until = h.ejected_until(now).expect("ejected");
             now = until; // the ejection just ended
             assert!(h.is_available(now));
-            match h.record_failure(now, &p, || true) {
+            match h.count_and_try_eject(now, &p, || true) {
                 FailureVerdict::Ejected { duration, .. } => {
                     expected = (expected * 2).min(300);
                     assert_eq!(duration, Duration::from_secs(expected));
@@ -369,12 +372,12 @@ mod tests {
         let h = Health::default();
         let p = policy();
         for t in 0..3 {
-            h.record_failure(t, &p, || true);
+            h.count_and_try_eject(t, &p, || true);
         }
         let end = h.ejected_until(0).expect("ejected");
         // Re-ejected right away: streak 2 (20 s).
         for _ in 0..3 {
-            h.record_failure(end, &p, || true);
+            h.count_and_try_eject(end, &p, || true);
         }
         let end2 = h.ejected_until(end).expect("ejected again");
         assert_eq!(end2 - end, 20_000);
@@ -382,7 +385,7 @@ mod tests {
         let later = end2 + 600_000;
         assert!(h.record_success(end2, end2 + 1).is_some());
         for _ in 0..3 {
-            h.record_failure(later, &p, || true);
+            h.count_and_try_eject(later, &p, || true);
         }
         assert_eq!(h.ejected_until(later).expect("ejected") - later, 10_000);
     }
@@ -408,10 +411,10 @@ mod tests {
         let h = Health::default();
         let p = policy();
         for t in 0..2 {
-            h.record_failure(t, &p, || false);
+            h.count_and_try_eject(t, &p, || false);
         }
         assert_eq!(
-            h.record_failure(3, &p, || false),
+            h.count_and_try_eject(3, &p, || false),
             FailureVerdict::CapReached { consecutive: 3 }
         );
         assert!(h.is_available(4));
@@ -419,7 +422,7 @@ mod tests {
 
     fn eject_at(h: &Health, p: &HealthConfig, now: u64) {
         for _ in 0..p.consecutive_failures {
-            h.record_failure(now, p, || true);
+            h.count_and_try_eject(now, p, || true);
         }
         assert!(!h.is_available(now), "setup: the backend should be ejected");
     }
@@ -455,7 +458,7 @@ mod tests {
         let end = h.ejected_until(1_500).expect("still ejected");
         // The first connection after the ejection still decides: one failure re-ejects.
         assert!(matches!(
-            h.record_failure(end, &p, || true),
+            h.count_and_try_eject(end, &p, || true),
             FailureVerdict::Ejected { streak: 2, .. }
         ));
     }

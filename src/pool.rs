@@ -64,8 +64,6 @@ pub struct Backend {
     pub name: String,
     pub stats: BackendStats,
     pub health: Health,
-    /// Gone from discovery: takes no new connections, existing ones run to completion.
-    removed: AtomicBool,
     /// Left out of the latest DNS answer, but kept in service until a second lookup confirms
     /// the removal (damping). Retries prefer other backends.
     removal_pending: AtomicBool,
@@ -78,17 +76,12 @@ impl Backend {
             key,
             stats: BackendStats::default(),
             health: Health::default(),
-            removed: AtomicBool::new(false),
             removal_pending: AtomicBool::new(false),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.key.addr
-    }
-
-    pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
     }
 
     pub fn active(&self) -> u64 {
@@ -323,11 +316,9 @@ impl Pool {
             } = &mut *members;
             for backend in &plan.revived {
                 draining.retain(|(b, _, _)| !Arc::ptr_eq(b, backend));
-                backend.removed.store(false, Ordering::Relaxed);
             }
             for (key, (backend, priority, weight)) in current.iter() {
                 if !plan.next.contains_key(key) {
-                    backend.removed.store(true, Ordering::Relaxed);
                     draining.push((Arc::clone(backend), *priority, *weight));
                 }
             }
@@ -628,7 +619,6 @@ mod tests {
         backend_a.stats.active.fetch_add(1, Ordering::Relaxed);
         let change = pool.update(&[b]).expect("update");
         assert_eq!((change.added, change.removed, change.total), (0, 1, 1));
-        assert!(backend_a.is_removed());
         let states = pool.states();
         assert!(
             states
@@ -643,7 +633,12 @@ mod tests {
             .expect("update");
         let again = pool.snapshot();
         assert!(Arc::ptr_eq(&again.tiers[1].backends[0], &backend_a));
-        assert!(!backend_a.is_removed());
+        assert!(
+            pool.states()
+                .iter()
+                .any(|(b, _, _, s)| Arc::ptr_eq(b, &backend_a) && s.label() == "standby"),
+            "the revived backend is not back in its (backup) tier"
+        );
     }
 
     #[test]
@@ -882,7 +877,7 @@ mod tests {
         };
         for b in &snap.tiers[0].backends {
             if b.addr().is_ipv6() || &*b.key.target == "lone.test." {
-                b.health.record_failure(now, &policy, || true);
+                b.health.count_and_try_eject(now, &policy, || true);
             }
         }
         let label = |target: &str, v6: bool| {
@@ -921,7 +916,7 @@ mod tests {
         for b in &tier.backends {
             let verdict = b
                 .health
-                .record_failure(now, &policy, || tier.may_eject_one(now, 50));
+                .count_and_try_eject(now, &policy, || tier.may_eject_one(now, 50));
             if matches!(verdict, crate::health::FailureVerdict::Ejected { .. }) {
                 ejected += 1;
             }
@@ -952,7 +947,7 @@ mod tests {
         };
         tier.backends[0]
             .health
-            .record_failure(now, &policy, || tier.may_eject_one(now, 50));
+            .count_and_try_eject(now, &policy, || tier.may_eject_one(now, 50));
         assert!(!tier.may_eject_one(now, 50));
     }
 }

@@ -44,7 +44,7 @@ pub struct Service {
     pub name: String,
     config: ArcSwap<ServiceConfig>,
     pub pool: Arc<Pool>,
-    pub discovery: Arc<DiscoveryStatus>,
+    pub discovery_status: Arc<DiscoveryStatus>,
     pub stats: ServiceStats,
     /// One permit per open connection; listeners take a permit before accepting, so at the
     /// limit clients wait in the backlog instead of being reset. Shared with the service that
@@ -93,7 +93,7 @@ impl Service {
             name: config.name.clone(),
             config: ArcSwap::from_pointee(config),
             pool,
-            discovery: status,
+            discovery_status: status,
             stats: ServiceStats::default(),
             limit,
             stop_discovery: stop_tx,
@@ -105,7 +105,9 @@ impl Service {
         self.config.load_full()
     }
 
-    pub fn limit(&self) -> &Arc<Semaphore> {
+    /// The permits of the service's connection limit (one per open connection); listeners
+    /// take one before they accept.
+    pub fn connection_permits(&self) -> &Arc<Semaphore> {
         &self.limit.semaphore
     }
 
@@ -136,7 +138,7 @@ impl Service {
     /// are merely not looked up yet, nor send them to static last-resort backends before the
     /// SRV answer lands. True when the first lookup is done.
     pub async fn first_lookup(&self, deadline: tokio::time::Instant) -> bool {
-        tokio::time::timeout_at(deadline, self.discovery.wait_first_outcome())
+        tokio::time::timeout_at(deadline, self.discovery_status.wait_first_outcome())
             .await
             .is_ok()
     }

@@ -243,7 +243,7 @@ mod tests {
             max_ejection: Duration::from_secs(60),
             max_ejected_percent: 100,
         };
-        b.health.record_failure(now, &policy, || true);
+        b.health.count_and_try_eject(now, &policy, || true);
     }
 
     fn first(snapshot: &Snapshot, balance: Balance, key: u64, now: u64) -> u8 {
@@ -323,7 +323,7 @@ mod tests {
         let tier = &snap.tiers[0];
         for b in &tier.backends {
             b.health
-                .record_failure(now, &policy, || tier.may_eject_one(now, 34));
+                .count_and_try_eject(now, &policy, || tier.may_eject_one(now, 34));
         }
         let ejected = tier
             .backends
@@ -349,7 +349,7 @@ mod tests {
             max_ejected_percent: 100,
         };
         b.health
-            .record_failure(crate::health::now_ms(), &policy, || true);
+            .count_and_try_eject(crate::health::now_ms(), &policy, || true);
     }
 
     fn octet(b: &Backend) -> u8 {

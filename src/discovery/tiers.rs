@@ -163,7 +163,7 @@ mod tests {
         };
         snapshot.tiers[0].backends[0]
             .health
-            .record_failure(now_ms(), &policy, || true);
+            .count_and_try_eject(now_ms(), &policy, || true);
         let switch = watch
             .observe(&pool)
             .expect("already failed over at the first look");

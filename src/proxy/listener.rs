@@ -484,7 +484,7 @@ async fn accept_loop(
         }
         // On a swap, start over: the permit must come from the limit of the service that
         // will serve the connection (when the name stays, that is the same, resized, limit).
-        let limit = Arc::clone(service.limit());
+        let limit = Arc::clone(service.connection_permits());
         let permit = match take_permit(
             &limit,
             Pause::MaxConnections,
@@ -596,7 +596,7 @@ fn drain_backlog(
     let mut cx = std::task::Context::from_waker(waker);
     let mut drained = 0;
     for _ in 0..BACKLOG {
-        let Ok(permit) = Arc::clone(service.limit()).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(service.connection_permits()).try_acquire_owned() else {
             break;
         };
         let Ok(fd_permit) = Arc::clone(tracker.cap()).try_acquire_owned() else {
