@@ -456,8 +456,8 @@ fn pool_view(service: &Service) -> Vec<(String, u16, u16)> {
         .pool
         .states()
         .into_iter()
-        .filter(|(_, _, _, state)| state.label() != "draining")
-        .map(|(b, priority, weight, _)| (b.key.target.to_string(), priority, weight))
+        .filter(|st| st.state.label() != "draining")
+        .map(|st| (st.backend.key.target.to_string(), st.priority, st.weight))
         .collect();
     view.sort();
     view

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use crate::fd_budget::{FdBudget, MAX_ADMIN_SLOTS};
 use crate::health::now_ms;
-use crate::pool::BackendState;
+use crate::pool::{BackendState, BackendStatus};
 use crate::proxy::LogThrottle;
 use crate::proxy::backlog::Backlog;
 use crate::proxy::listener::{ConnectionTracker, ListenerStatus, Pause};
@@ -684,7 +684,12 @@ fn metrics(state: &AdminState) -> String {
     let mut rows: Vec<String> = vec![String::new(); backend_metrics.len()];
     let mut states = String::new();
     for s in services.iter() {
-        for (b, _, _, st) in s.pool.states() {
+        for BackendStatus {
+            backend: b,
+            state: st,
+            ..
+        } in s.pool.states()
+        {
             // No state label here: a label that changes would split every counter into a
             // new series and break rate(); the state has its own gauge below.
             let labels = format!(
@@ -955,7 +960,7 @@ fn status_json(state: &AdminState) -> String {
                 .pool
                 .states()
                 .into_iter()
-                .map(|(b, priority, weight, st)| {
+                .map(|BackendStatus { backend: b, priority, weight, state: st }| {
                     let mut v = json!({
                         "address": b.addr().to_string(),
                         "target": &*b.key.target,

@@ -254,12 +254,30 @@ pub struct Pool {
     ejection_gate: Mutex<()>,
 }
 
+/// A backend as the pool holds it, with the priority and weight of its SRV record.
+#[derive(Debug, Clone)]
+struct Member {
+    backend: Arc<Backend>,
+    priority: u16,
+    weight: u16,
+}
+
+/// A backend as /status and /metrics show it: its record's priority and weight, and its
+/// state now.
+#[derive(Debug, Clone)]
+pub struct BackendStatus {
+    pub backend: Arc<Backend>,
+    pub priority: u16,
+    pub weight: u16,
+    pub state: BackendState,
+}
+
 #[derive(Debug, Default)]
 struct Members {
-    current: HashMap<BackendKey, (Arc<Backend>, u16, u16)>,
+    current: HashMap<BackendKey, Member>,
     /// Removed backends with the priority and weight they last had, until their
     /// connections end.
-    draining: Vec<(Arc<Backend>, u16, u16)>,
+    draining: Vec<Member>,
     generation: u64,
 }
 
@@ -315,14 +333,14 @@ impl Pool {
                 current, draining, ..
             } = &mut *members;
             for backend in &plan.revived {
-                draining.retain(|(b, _, _)| !Arc::ptr_eq(b, backend));
+                draining.retain(|m| !Arc::ptr_eq(&m.backend, backend));
             }
-            for (key, (backend, priority, weight)) in current.iter() {
+            for (key, member) in current.iter() {
                 if !plan.next.contains_key(key) {
-                    draining.push((Arc::clone(backend), *priority, *weight));
+                    draining.push(member.clone());
                 }
             }
-            draining.retain(|(b, _, _)| b.active() > 0);
+            draining.retain(|m| m.backend.active() > 0);
             members.current = plan.next;
             members.generation += 1;
             // Stored under the lock, so `states` sees the snapshot and the draining list
@@ -358,7 +376,7 @@ impl Pool {
     }
 
     /// Every backend with its state, draining ones included, for status and metrics.
-    pub fn states(&self) -> Vec<(Arc<Backend>, u16, u16, BackendState)> {
+    pub fn states(&self) -> Vec<BackendStatus> {
         let now = now_ms();
         // The snapshot is read under `members`, where `update` publishes it: the snapshot and
         // the draining list then come from the same generation, so a backend removed
@@ -381,15 +399,25 @@ impl Pool {
                     None if active_tier.is_some_and(|a| i > a) => BackendState::Standby,
                     None => BackendState::Active,
                 };
-                out.push((Arc::clone(b), tier.priority, *w, state));
+                out.push(BackendStatus {
+                    backend: Arc::clone(b),
+                    priority: tier.priority,
+                    weight: *w,
+                    state,
+                });
             }
         }
-        members.draining.retain(|(b, _, _)| b.active() > 0);
-        for (b, priority, weight) in &members.draining {
+        members.draining.retain(|m| m.backend.active() > 0);
+        for m in &members.draining {
             let state = BackendState::Draining {
-                connections: b.active(),
+                connections: m.backend.active(),
             };
-            out.push((Arc::clone(b), *priority, *weight, state));
+            out.push(BackendStatus {
+                backend: Arc::clone(&m.backend),
+                priority: m.priority,
+                weight: m.weight,
+                state,
+            });
         }
         out
     }
@@ -451,7 +479,7 @@ fn cap(endpoints: &[Endpoint]) -> (Vec<&Endpoint>, usize) {
 
 /// What an update will do, worked out under the `members` lock without changing anything.
 struct Plan {
-    next: HashMap<BackendKey, (Arc<Backend>, u16, u16)>,
+    next: HashMap<BackendKey, Member>,
     /// Draining backends that are back in the answer.
     revived: Vec<Arc<Backend>>,
     change: PoolChange,
@@ -460,7 +488,7 @@ struct Plan {
 }
 
 fn plan(members: &Members, endpoints: &[&Endpoint]) -> Plan {
-    let mut next: HashMap<BackendKey, (Arc<Backend>, u16, u16)> = HashMap::new();
+    let mut next: HashMap<BackendKey, Member> = HashMap::new();
     let mut revived = Vec::new();
     let mut change = PoolChange::default();
     for ep in endpoints {
@@ -470,25 +498,32 @@ fn plan(members: &Members, endpoints: &[&Endpoint]) -> Plan {
             addr: ep.addr,
         };
         let backend = match members.current.get(&key) {
-            Some((backend, priority, weight)) => {
-                if (*priority, *weight) != (ep.priority, ep.weight) {
+            Some(member) => {
+                if (member.priority, member.weight) != (ep.priority, ep.weight) {
                     change.reweighted += 1;
                 }
-                Arc::clone(backend)
+                Arc::clone(&member.backend)
             }
             None => {
                 change.added += 1;
-                match members.draining.iter().find(|(b, _, _)| b.key == key) {
+                match members.draining.iter().find(|m| m.backend.key == key) {
                     // Came back before its connections drained: same backend, same counters.
-                    Some((b, _, _)) => {
-                        revived.push(Arc::clone(b));
-                        Arc::clone(b)
+                    Some(m) => {
+                        revived.push(Arc::clone(&m.backend));
+                        Arc::clone(&m.backend)
                     }
                     None => Arc::new(Backend::new(key.clone())),
                 }
             }
         };
-        next.insert(key, (backend, ep.priority, ep.weight));
+        next.insert(
+            key,
+            Member {
+                backend,
+                priority: ep.priority,
+                weight: ep.weight,
+            },
+        );
     }
     change.removed = members
         .current
@@ -537,17 +572,17 @@ fn address_weights(backends: &[Arc<Backend>], srv_weights: &[u16]) -> Vec<u32> {
 }
 
 fn build_snapshot(
-    members: &HashMap<BackendKey, (Arc<Backend>, u16, u16)>,
+    members: &HashMap<BackendKey, Member>,
     generation: u64,
     maglev_size: usize,
 ) -> Result<Snapshot, PoolError> {
     let mut by_priority: std::collections::BTreeMap<u16, Vec<(&Arc<Backend>, u16)>> =
         Default::default();
-    for (backend, priority, weight) in members.values() {
+    for m in members.values() {
         by_priority
-            .entry(*priority)
+            .entry(m.priority)
             .or_default()
-            .push((backend, *weight));
+            .push((&m.backend, m.weight));
     }
     let mut tiers = Vec::with_capacity(by_priority.len());
     for (priority, mut list) in by_priority {
@@ -620,13 +655,9 @@ mod tests {
         let change = pool.update(&[b]).expect("update");
         assert_eq!((change.added, change.removed, change.total), (0, 1, 1));
         let states = pool.states();
-        assert!(
-            states
-                .iter()
-                .any(|(b, priority, weight, s)| b.key == backend_a.key
-                    && s.label() == "draining"
-                    && (*priority, *weight) == (20, 1))
-        );
+        assert!(states.iter().any(|st| st.backend.key == backend_a.key
+            && st.state.label() == "draining"
+            && (st.priority, st.weight) == (20, 1)));
         assert_eq!(pool.snapshot().backend_count(), 1);
         // It comes back: same backend object, no longer removed.
         pool.update(&[a, ep("b.test.", 80, [127, 0, 0, 2], 10, 1)])
@@ -636,7 +667,7 @@ mod tests {
         assert!(
             pool.states()
                 .iter()
-                .any(|(b, _, _, s)| Arc::ptr_eq(b, &backend_a) && s.label() == "standby"),
+                .any(|st| Arc::ptr_eq(&st.backend, &backend_a) && st.state.label() == "standby"),
             "the revived backend is not back in its (backup) tier"
         );
     }
@@ -786,8 +817,8 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             duplicate = states
                 .iter()
-                .find(|(b, _, _, _)| !seen.insert(b.key.clone()))
-                .map(|(b, _, _, s)| format!("{} ({})", b.key, s.label()));
+                .find(|st| !seen.insert(st.backend.key.clone()))
+                .map(|st| format!("{} ({})", st.backend.key, st.state.label()));
         }
         stop.store(true, Ordering::Relaxed);
         let updates = writer.join().expect("writer");
@@ -846,8 +877,8 @@ mod tests {
             );
         }
         // /status shows the record's weight, not the split one.
-        assert!(pool.states().iter().all(|(b, _, w, _)| *w
-            == if &*b.key.target == "zero.test." {
+        assert!(pool.states().iter().all(|st| st.weight
+            == if &*st.backend.key.target == "zero.test." {
                 0
             } else {
                 10
@@ -883,8 +914,8 @@ mod tests {
         let label = |target: &str, v6: bool| {
             pool.states()
                 .into_iter()
-                .find(|(b, _, _, _)| &*b.key.target == target && b.addr().is_ipv6() == v6)
-                .map(|(_, _, _, s)| s.label())
+                .find(|st| &*st.backend.key.target == target && st.backend.addr().is_ipv6() == v6)
+                .map(|st| st.state.label())
                 .expect("listed")
         };
         assert_eq!(label("dual.test.", true), "address_unused");

@@ -981,7 +981,7 @@ mod tests {
         assert!(
             pool.states()
                 .iter()
-                .all(|(_, _, _, s)| s.label() != "draining")
+                .all(|st| st.state.label() != "draining")
         );
     }
 

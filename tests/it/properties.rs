@@ -602,8 +602,8 @@ proptest! {
             let k = (held.key.target.to_string(), held.key.port, held.key.addr);
             let shown: Vec<&BackendState> = states
                 .iter()
-                .filter(|(b, ..)| Arc::ptr_eq(b, held))
-                .map(|(_, _, _, s)| s)
+                .filter(|st| Arc::ptr_eq(&st.backend, held))
+                .map(|st| &st.state)
                 .collect();
             prop_assert_eq!(shown.len(), 1, "listed once");
             if after.contains_key(&k) {
