@@ -397,6 +397,13 @@ pub async fn lookup_srv(
         targets,
         error,
     });
+    answer(endpoints, ttl, unresolved)
+}
+
+/// The answer that `endpoints` (from the records and their targets' addresses) make. None
+/// usable while a target's lookup said nothing about it is a failed lookup (the last set
+/// keeps serving), not an authoritative "absent".
+pub(crate) fn answer(endpoints: Vec<Endpoint>, ttl: u32, unresolved: Option<Unresolved>) -> Answer {
     if endpoints.is_empty() {
         return match unresolved {
             Some(u) => Answer::Failed(format!(

@@ -557,22 +557,7 @@ impl Discovery {
             targets,
             error,
         });
-        if endpoints.is_empty() {
-            // Nothing usable, and at least one target's lookup said nothing about it: that
-            // is a failed lookup (keep the last set), not an authoritative "absent".
-            return match unresolved {
-                Some(u) => Answer::Failed(format!(
-                    "no SRV target could be resolved ({} of {} failed; {})",
-                    u.skipped, u.targets, u.error
-                )),
-                None => Answer::Absent("no SRV target has an address"),
-            };
-        }
-        Answer::Found {
-            endpoints,
-            ttl,
-            unresolved,
-        }
+        lookup::answer(endpoints, ttl, unresolved)
     }
 
     /// The consequences of one answer; returns when to look at the SRV records again.

@@ -315,9 +315,15 @@ pub async fn read_header(
             if n == 0 {
                 return Err(ReadHeaderError::Closed);
             }
-            let mut seen = taken.clone();
-            seen.extend_from_slice(&peeked[..n]);
-            match decode(&seen) {
+            // Nearly always the whole header comes in the first peek: decode it in place.
+            let decoded = if taken.is_empty() {
+                decode(&peeked[..n])
+            } else {
+                let mut seen = taken.clone();
+                seen.extend_from_slice(&peeked[..n]);
+                decode(&seen)
+            };
+            match decoded {
                 Decoded::Header { header, length } => {
                     let rest = length - taken.len();
                     stream.read_exact(&mut peeked[..rest]).await?;
