@@ -1,11 +1,16 @@
 //! Selection costs: Maglev build (off the hot path, on every discovery change), and the
-//! per-connection costs of lookup, the preference walk to a second choice, and P2C pick.
+//! per-connection costs of lookup, the preference walk to a second choice, and P2C pick;
+//! `select/*` measures a whole first pick as the proxy makes it (snapshot, tier rule,
+//! algorithm, health predicate), so dispatch costs show up there.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use srvlb::balance::{MaglevTable, P2cTable, hash_key};
+use srvlb::balance::select::Selector;
+use srvlb::balance::{MaglevTable, P2cTable, Selection, hash_key};
+use srvlb::config::Balance;
+use srvlb::pool::{Endpoint, Pool};
 
 const SIZES: [usize; 3] = [10, 100, 1000];
 
@@ -72,5 +77,45 @@ fn p2c(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, maglev, p2c);
+/// A pool of one tier of `n` backends.
+fn pool(n: usize, balance: Balance) -> Pool {
+    let pool = Pool::new("bench", Selection::new(balance));
+    let endpoints: Vec<Endpoint> = (0..n)
+        .map(|i| Endpoint {
+            target: format!("db{i}.example."),
+            port: 5432,
+            addr: std::net::SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 5432)),
+            priority: 10,
+            weight: 1 + (i % 5) as u16,
+        })
+        .collect();
+    pool.update(&endpoints).expect("pool");
+    pool
+}
+
+fn select(c: &mut Criterion) {
+    let mut g = c.benchmark_group("select");
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20);
+    let keys = keys();
+    let now = srvlb::health::now_ms();
+    for (label, balance) in [("maglev", Balance::Maglev), ("p2c", Balance::P2c)] {
+        for n in SIZES {
+            let pool = pool(n, balance);
+            let snapshot = pool.snapshot();
+            let mut rng = rand::rng();
+            g.bench_with_input(BenchmarkId::new(format!("{label}_first"), n), &n, |b, _| {
+                let mut k = keys.iter().cycle();
+                b.iter(|| {
+                    let key = black_box(*k.next().unwrap_or(&0));
+                    Selector::new(&snapshot.tiers, key, now).next_backend(&mut rng)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, maglev, p2c, select);
 criterion_main!(benches);

@@ -10,9 +10,9 @@ use hickory_resolver::TokioResolver;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::balance::MaglevTable;
+use crate::balance::Selection;
 use crate::config::{ResolverConfig, ServiceConfig};
 use crate::discovery::{Discovery, DiscoveryStatus};
 use crate::pool::Pool;
@@ -77,7 +77,7 @@ impl Service {
         resolver_settings: ResolverConfig,
         limit: Arc<ConnectionLimit>,
     ) -> Arc<Service> {
-        let pool = Arc::new(Pool::new(&config.name, MaglevTable::DEFAULT_SIZE));
+        let pool = Arc::new(Pool::new(&config.name, Selection::new(config.balance)));
         let status = Arc::new(DiscoveryStatus::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (settings_tx, settings_rx) = watch::channel(resolver_settings);
@@ -117,9 +117,21 @@ impl Service {
     }
 
     /// Applies a new configuration whose discovery source is unchanged: balance, timeouts,
-    /// health policy, lists and the connection limit take effect for new connections.
+    /// health policy, lists and the connection limit take effect for new connections. A
+    /// new `balance` rebuilds the pool's selectors on a blocking thread; until that
+    /// snapshot is published (milliseconds), connections select with the old algorithm.
     pub fn reconfigure(&self, config: ServiceConfig) {
         self.limit.resize(&self.name, config.max_connections);
+        if self.pool.set_selection(Selection::new(config.balance)) {
+            let pool = Arc::clone(&self.pool);
+            // Detached: a later reload's rebuild, or a discovery update, may publish first;
+            // `reselect` then finds nothing left to do.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = pool.reselect() {
+                    warn!(service = %pool.service(), error = %e, "cannot rebuild the selection tables for the new balance; keeping the previous ones");
+                }
+            });
+        }
         self.config.store(Arc::new(config));
     }
 

@@ -8,7 +8,10 @@
 use std::fmt;
 use std::iter::FusedIterator;
 
-use super::{fnv1a64, hash_key, splitmix64_mix};
+use rand::RngCore;
+
+use super::seen::Seen;
+use super::{TierSelector, fnv1a64, hash_key, splitmix64_mix, zero_weight};
 
 /// Why a table could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -237,6 +240,55 @@ impl fmt::Debug for MaglevTable {
     }
 }
 
+/// The Maglev algorithm for one tier: the client's key walks the table's preference order
+/// to the first eligible backend, so only keys of an ejected backend move.
+#[derive(Debug)]
+pub struct MaglevSelector {
+    table: MaglevTable,
+    /// Weight-0 backends, which own no slots.
+    zero_weight: Box<[usize]>,
+}
+
+impl MaglevSelector {
+    /// See [`MaglevTable::build`].
+    pub fn build(
+        names: &[&str],
+        weights: &[u32],
+        size: usize,
+    ) -> Result<MaglevSelector, MaglevError> {
+        Ok(MaglevSelector {
+            table: MaglevTable::build(names, weights, size)?,
+            zero_weight: zero_weight(weights),
+        })
+    }
+
+    pub fn table(&self) -> &MaglevTable {
+        &self.table
+    }
+}
+
+impl TierSelector for MaglevSelector {
+    fn pick(
+        &self,
+        key: u64,
+        _rng: &mut dyn RngCore,
+        eligible: &dyn Fn(usize) -> bool,
+        _load: &dyn Fn(usize) -> u64,
+    ) -> Option<usize> {
+        if let Some(i) = self.table.preference(key).find(|&i| eligible(i)) {
+            return Some(i);
+        }
+        // Weight-0 backends, stable per client: start at a key-derived offset.
+        let zero = self.zero_weight.iter().copied().filter(|&i| eligible(i));
+        let candidates = zero.clone().count();
+        if candidates == 0 {
+            return None;
+        }
+        let skip = usize::try_from(key % candidates as u64).unwrap_or(0);
+        zero.clone().nth(skip)
+    }
+}
+
 /// Iterator over a key's backends in preference order; see [`MaglevTable::preference`].
 #[derive(Debug, Clone)]
 pub struct Preference<'a> {
@@ -275,82 +327,6 @@ impl Iterator for Preference<'_> {
 impl ExactSizeIterator for Preference<'_> {}
 
 impl FusedIterator for Preference<'_> {}
-
-/// Backends already yielded by a walk. Callers usually stop after one or two candidates,
-/// so a walk only allocates once it has yielded more than [`Seen::INLINE`] backends of a
-/// set larger than 64.
-#[derive(Debug, Clone)]
-enum Seen {
-    Bits(u64),
-    Few {
-        ids: [u32; Seen::INLINE],
-        len: usize,
-    },
-    Heap(Vec<u64>),
-}
-
-impl Seen {
-    const INLINE: usize = 16;
-
-    fn for_backends(count: usize) -> Seen {
-        if count <= 64 {
-            Seen::Bits(0)
-        } else {
-            Seen::Few {
-                ids: [0; Seen::INLINE],
-                len: 0,
-            }
-        }
-    }
-
-    /// Records `backend`; false if it was already recorded.
-    fn insert(&mut self, backend: usize) -> bool {
-        match self {
-            Seen::Bits(bits) => {
-                let bit = 1u64 << backend;
-                let new = *bits & bit == 0;
-                *bits |= bit;
-                new
-            }
-            Seen::Few { ids, len } => {
-                // Backends < u32::MAX, as checked by `build`.
-                let id = backend as u32;
-                if ids[..*len].contains(&id) {
-                    return false;
-                }
-                if *len < Seen::INLINE {
-                    ids[*len] = id;
-                    *len += 1;
-                    return true;
-                }
-                let mut words = vec![0u64; backend.max(max_id(ids)) / 64 + 1];
-                for &old in ids.iter() {
-                    set_bit(&mut words, old as usize);
-                }
-                set_bit(&mut words, backend);
-                *self = Seen::Heap(words);
-                true
-            }
-            Seen::Heap(words) => {
-                let word = backend / 64;
-                if word >= words.len() {
-                    words.resize(word + 1, 0);
-                }
-                let new = words[word] & (1 << (backend % 64)) == 0;
-                set_bit(words, backend);
-                new
-            }
-        }
-    }
-}
-
-fn max_id(ids: &[u32]) -> usize {
-    ids.iter().copied().max().unwrap_or(0) as usize
-}
-
-fn set_bit(words: &mut [u64], bit: usize) {
-    words[bit / 64] |= 1 << (bit % 64);
-}
 
 /// Whether `n` is prime, by trial division (table sizes are small and checked once).
 pub fn is_prime(n: usize) -> bool {

@@ -1,15 +1,98 @@
-//! Backend selection: the Maglev consistent-hash table and weighted power-of-two-choices.
+//! Backend selection: a small trait, [`TierSelector`], with one implementation per
+//! algorithm (`maglev.rs`, `p2c.rs`), and the walk over a snapshot's tiers (`select.rs`).
 //!
 //! This module owns pure, immutable selection data built from backend names and weights.
-//! It must not do I/O, read clocks, track health or hold locks: callers pass in loads and
-//! eligibility, so the hot path only reads tables that were built off it.
+//! It must not do I/O, read clocks, track health or hold locks, and it knows nothing of the
+//! pool: callers pass in loads and eligibility (`select::Candidate`), so the hot path only
+//! reads tables that were built off it. A new algorithm is one file here implementing
+//! [`TierSelector`], plus its `config::Balance` value and its arm in [`Selection::build`].
 
 pub mod maglev;
 pub mod p2c;
+mod seen;
 pub mod select;
 
-pub use maglev::{MaglevError, MaglevTable, Preference};
-pub use p2c::P2cTable;
+use std::fmt;
+
+use rand::RngCore;
+
+use crate::config::Balance;
+
+pub use maglev::{MaglevError, MaglevSelector, MaglevTable, Preference};
+pub use p2c::{P2cSelector, P2cTable};
+
+/// The selection of one tier for one algorithm, built off the hot path (on discovery's
+/// blocking thread) and stored in the immutable snapshot. Members are the tier's backends
+/// by index, in the order the selector was built with.
+pub trait TierSelector: Send + Sync + fmt::Debug {
+    /// The algorithm's choice for a client with `key` among the members for which
+    /// `eligible(i)` holds, or `None` when none does. `load(i)` is member `i`'s open
+    /// connections. Weight-0 members are chosen only when no weighted member is eligible
+    /// (RFC 2782). Must not allocate in proportion to the tier.
+    fn pick(
+        &self,
+        key: u64,
+        rng: &mut dyn RngCore,
+        eligible: &dyn Fn(usize) -> bool,
+        load: &dyn Fn(usize) -> u64,
+    ) -> Option<usize>;
+}
+
+/// A service's selection algorithm with its parameters: what every tier's selector is
+/// built from. A P2C selection builds no Maglev table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    pub balance: Balance,
+    /// Slots of a Maglev table (prime); unused by other algorithms.
+    pub maglev_size: usize,
+}
+
+/// Why a tier's selector could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("building the Maglev table: {0}")]
+    Maglev(#[from] MaglevError),
+}
+
+impl Selection {
+    /// `balance` with the default parameters.
+    pub fn new(balance: Balance) -> Selection {
+        Selection {
+            balance,
+            maglev_size: MaglevTable::DEFAULT_SIZE,
+        }
+    }
+
+    /// Maglev with a table of `size` slots (tests use small primes).
+    pub fn maglev(size: usize) -> Selection {
+        Selection {
+            balance: Balance::Maglev,
+            maglev_size: size,
+        }
+    }
+
+    /// The selector of one tier whose members have these identity `names` and `weights`.
+    pub fn build(
+        &self,
+        names: &[&str],
+        weights: &[u32],
+    ) -> Result<Box<dyn TierSelector>, SelectorError> {
+        Ok(match self.balance {
+            Balance::Maglev => Box::new(MaglevSelector::build(names, weights, self.maglev_size)?),
+            Balance::P2c => Box::new(P2cSelector::new(weights)),
+        })
+    }
+}
+
+/// Indices of the weight-0 members: RFC 2782's "only when nothing weighted is usable".
+pub(crate) fn zero_weight(weights: &[u32]) -> Box<[usize]> {
+    weights
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w == 0)
+        .map(|(i, _)| i)
+        .collect()
+}
 
 /// FNV-1a 64-bit offset basis (the published constant).
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;

@@ -4,7 +4,9 @@
 //! counters or health itself: callers pass `load` and `eligible`, so the table stays
 //! immutable, shareable and free of locks, and a pick never allocates.
 
-use rand::Rng;
+use rand::{Rng, RngCore};
+
+use super::{TierSelector, zero_weight};
 
 /// Random samples tried before falling back to a scan; with half the backends ineligible,
 /// a fallback is needed once in 2^8 picks, so the scan's O(n) cost stays rare.
@@ -124,6 +126,42 @@ impl P2cTable {
         // Only reached if `accept` changed its answers between the two passes (it may read
         // live health flags); any accepted backend is then as good as another.
         last
+    }
+}
+
+/// The P2C algorithm for one tier: a weighted two-choice pick among eligible backends,
+/// and the least loaded weight-0 backend when no weighted one is eligible.
+#[derive(Debug)]
+pub struct P2cSelector {
+    table: P2cTable,
+    /// Weight-0 backends, which the weighted draw never hits.
+    zero_weight: Box<[usize]>,
+}
+
+impl P2cSelector {
+    pub fn new(weights: &[u32]) -> P2cSelector {
+        P2cSelector {
+            table: P2cTable::new(weights),
+            zero_weight: zero_weight(weights),
+        }
+    }
+}
+
+impl TierSelector for P2cSelector {
+    fn pick(
+        &self,
+        _key: u64,
+        rng: &mut dyn RngCore,
+        eligible: &dyn Fn(usize) -> bool,
+        load: &dyn Fn(usize) -> u64,
+    ) -> Option<usize> {
+        self.table.pick(rng, load, eligible).or_else(|| {
+            self.zero_weight
+                .iter()
+                .copied()
+                .filter(|&i| eligible(i))
+                .min_by_key(|&i| load(i))
+        })
     }
 }
 

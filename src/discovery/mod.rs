@@ -862,6 +862,7 @@ struct Lookups {
 mod tests {
     use super::lookup::absence;
     use super::*;
+    use crate::balance::Selection;
     use hickory_resolver::net::DnsError;
     use hickory_resolver::proto::op::ResponseCode;
 
@@ -929,7 +930,7 @@ mod tests {
 
     #[tokio::test]
     async fn damping_applies_a_large_removal_only_when_confirmed() {
-        let pool = Arc::new(Pool::new("svc", 1009));
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
         d.accept_answer(full.clone()).await;
@@ -948,7 +949,7 @@ mod tests {
 
     #[tokio::test]
     async fn damping_forgets_a_one_off_broken_answer() {
-        let pool = Arc::new(Pool::new("svc", 1009));
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
         d.accept_answer(full.clone()).await;
@@ -972,7 +973,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rollout_serves_the_new_backends_from_the_first_answer() {
-        let pool = Arc::new(Pool::new("svc", 1009));
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
         let mut d = discovery(&pool);
         d.accept_answer(vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)])
             .await;
@@ -994,7 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_answer_with_an_addition_is_undone_when_not_confirmed() {
-        let pool = Arc::new(Pool::new("svc", 1009));
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
         let mut d = discovery(&pool);
         let full = vec![ep("a.", 1), ep("b.", 2), ep("c.", 3)];
         d.accept_answer(full.clone()).await;
@@ -1007,7 +1008,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_empty_hold_is_visible_while_it_lasts_and_after_it_empties() {
-        let pool = Arc::new(Pool::new("svc", 1009));
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
         let mut d = discovery(&pool);
         d.settings.empty_hold = Duration::from_millis(300);
         d.settings_updates = watch::channel(d.settings.clone()).1;
@@ -1053,7 +1054,7 @@ mod tests {
 
     #[tokio::test]
     async fn refresh_settings_from_a_reload_apply_from_the_next_refresh() {
-        let pool = Arc::new(Pool::new("svc", 1009));
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
         let mut d = discovery(&pool);
         let (tx, rx) = watch::channel(d.settings.clone());
         d.settings_updates = rx;

@@ -137,12 +137,13 @@ impl TierWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::Selection;
     use crate::pool::Endpoint;
     use std::net::SocketAddr;
 
     #[test]
     fn tier_watch_takes_no_baseline_from_an_empty_pool_and_reports_failover() {
-        let pool = Pool::new("svc", 1009);
+        let pool = Pool::new("svc", Selection::maglev(1009));
         let mut watch = TierWatch::default();
         assert_eq!(watch.observe(&pool), None, "empty pool: nothing to report");
         let ep = |i: u8, priority: u16| Endpoint {
@@ -188,7 +189,7 @@ mod tests {
 
     #[test]
     fn dns_replacing_the_only_tier_is_not_a_failover() {
-        let pool = Pool::new("svc", 1009);
+        let pool = Pool::new("svc", Selection::maglev(1009));
         let mut watch = TierWatch::default();
         let ep = |i: u8, priority: u16| Endpoint {
             target: format!("b{i}.test."),

@@ -79,7 +79,7 @@ pub(super) async fn connect_any(
     peer: SocketAddr,
 ) -> Result<Connected, NoBackend> {
     let key = client_key(peer, config.hash_key);
-    let mut selector = Selector::new(snapshot, config.balance, key, now_ms())
+    let mut selector = Selector::new(&snapshot.tiers, key, now_ms())
         .with_attempts(config.connect_retries.saturating_add(1));
     let mut attempts = 0u32;
     while attempts <= config.connect_retries {

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
+use srvlb::balance::Selection;
 use srvlb::config::{Balance, Config, ConfigError, ProxyProtocol};
 use srvlb::pool::{BackendState, Endpoint, MAX_TIERS, Pool};
 use srvlb::proxy::proxy_protocol::{self, Decoded, ProxyHeader};
@@ -550,7 +551,7 @@ proptest! {
         second in answer(),
         shuffle_seed in any::<u64>(),
     ) {
-        let pool = Pool::new("prop", TABLE);
+        let pool = Pool::new("prop", Selection::maglev(TABLE));
         let change = pool.update(&first).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(change.total, first_wins(&first).len());
         prop_assert_eq!(change.capped, 0);
@@ -637,7 +638,7 @@ proptest! {
                 weight: 1,
             })
             .collect();
-        let pool = Pool::new("prop", TABLE);
+        let pool = Pool::new("prop", Selection::maglev(TABLE));
         let change = pool.update(&answer).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let kept: Vec<u16> = pool.snapshot().tiers.iter().map(|t| t.priority).collect();
         let want: Vec<u16> = priorities.iter().copied().take(MAX_TIERS).collect();
