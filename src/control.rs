@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::TokioResolver;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -17,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::access_log;
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
-use crate::discovery::{DiscoveryError, build_resolver};
+use crate::discovery::{DiscoveryError, Resolver};
 use crate::fd_budget::FdBudget;
 use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
@@ -49,7 +48,7 @@ pub enum ControlError {
 /// Everything the running process owns.
 pub struct Server {
     config: Config,
-    resolver: Arc<TokioResolver>,
+    resolver: Resolver,
     services: HashMap<String, Arc<Service>>,
     listeners: HashMap<SocketAddr, Listener>,
     tracker: ConnectionTracker,
@@ -63,7 +62,7 @@ impl Server {
     /// Binds every listener and starts every service. Fails, having changed nothing that
     /// outlives it, when a listener cannot be bound.
     pub async fn start(config: Config) -> Result<Server, ControlError> {
-        let resolver = Arc::new(build_resolver(&config.resolver)?);
+        let resolver = Resolver::new(&config.resolver)?;
         access_log::configure(
             config.global.access_log.as_deref(),
             config.global.access_log_format,
@@ -157,7 +156,7 @@ impl Server {
             || next.resolver.timeout != self.config.resolver.timeout
             || next.resolver.family != self.config.resolver.family;
         let new_resolver = if resolver_changed {
-            Some(Arc::new(build_resolver(&next.resolver)?))
+            Some(Resolver::new(&next.resolver)?)
         } else {
             None
         };
@@ -192,7 +191,7 @@ impl Server {
                 }
                 None => Service::start_with_limit(
                     cfg.clone(),
-                    Arc::clone(&self.resolver),
+                    &self.resolver,
                     next.resolver.clone(),
                     self.connection_limit_for(cfg),
                 ),

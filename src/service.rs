@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
-use hickory_resolver::TokioResolver;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -14,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::balance::Selection;
 use crate::config::{ResolverConfig, ServiceConfig};
-use crate::discovery::{Discovery, DiscoveryStatus};
+use crate::discovery::{self, DiscoveryStatus, Resolver};
 use crate::pool::Pool;
 use crate::source_limits::SourceLimits;
 
@@ -59,7 +58,7 @@ impl Service {
     /// Creates the service with a connection limit of its own and starts its discovery task.
     pub fn start(
         config: ServiceConfig,
-        resolver: Arc<TokioResolver>,
+        resolver: &Resolver,
         resolver_settings: ResolverConfig,
     ) -> Arc<Service> {
         let limit = Arc::new(ConnectionLimit::new(config.max_connections));
@@ -73,7 +72,7 @@ impl Service {
     /// `max_connections`, and a listener waiting for a permit wakes when the resize adds some.
     pub fn start_with_limit(
         config: ServiceConfig,
-        resolver: Arc<TokioResolver>,
+        resolver: &Resolver,
         resolver_settings: ResolverConfig,
         limit: Arc<ConnectionLimit>,
     ) -> Arc<Service> {
@@ -81,14 +80,14 @@ impl Service {
         let status = Arc::new(DiscoveryStatus::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (settings_tx, settings_rx) = watch::channel(resolver_settings);
-        let discovery = Discovery::new(
+        discovery::spawn(
             &config,
             resolver,
             settings_rx,
             Arc::clone(&pool),
             Arc::clone(&status),
+            stop_rx,
         );
-        tokio::spawn(discovery.run(stop_rx));
         Arc::new(Service {
             name: config.name.clone(),
             config: ArcSwap::from_pointee(config),

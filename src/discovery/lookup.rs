@@ -474,4 +474,32 @@ mod tests {
         assert!(Family::Ipv4.allows(v4) && !Family::Ipv4.allows(v6));
         assert!(!Family::Ipv6.allows(v4) && Family::Ipv6.allows(v6));
     }
+
+    #[test]
+    fn only_nxdomain_and_nodata_mean_absent() {
+        use hickory_resolver::net::NoRecords;
+        use hickory_resolver::proto::op::Query;
+        let no = |code| {
+            NetError::Dns(DnsError::NoRecordsFound(NoRecords::new(
+                Query::default(),
+                code,
+            )))
+        };
+        assert_eq!(absence(&no(ResponseCode::NXDomain)), Some("NXDOMAIN"));
+        assert!(absence(&no(ResponseCode::NoError)).is_some());
+        assert_eq!(absence(&no(ResponseCode::ServFail)), None);
+        assert_eq!(
+            absence(&NetError::Dns(DnsError::ResponseCode(
+                ResponseCode::ServFail
+            ))),
+            None
+        );
+        assert_eq!(
+            absence(&NetError::Dns(DnsError::ResponseCode(
+                ResponseCode::Refused
+            ))),
+            None
+        );
+        assert_eq!(absence(&NetError::Timeout), None);
+    }
 }
