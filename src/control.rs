@@ -149,17 +149,8 @@ impl Server {
             ),
             _ => None,
         };
-        // Only the servers and the timeout are part of the resolver. The refresh settings
-        // (min_refresh, max_refresh, empty_hold) go to the running discovery tasks below:
-        // restarting discovery for them would throw away every pool's state.
-        let resolver_changed = next.resolver.nameservers != self.config.resolver.nameservers
-            || next.resolver.timeout != self.config.resolver.timeout
-            || next.resolver.family != self.config.resolver.family;
-        let new_resolver = if resolver_changed {
-            Some(Resolver::new(&next.resolver)?)
-        } else {
-            None
-        };
+        let new_resolver = self.changed_resolver(&next)?;
+        let resolver_changed = new_resolver.is_some();
         // The last fallible step: a new access log path that cannot be opened refuses the
         // reload; once it is open, nothing below can fail, so the new resolver is kept only
         // from here on.
@@ -175,8 +166,76 @@ impl Server {
             self.resolver = resolver;
         }
 
-        // 2. Services: keep those whose discovery is unchanged (pool state survives); the
-        //    new settings apply to the next connection they accept.
+        // 2. Services, each with its first lookup done or given up on.
+        let services = self.start_services(&next, resolver_changed).await;
+
+        // The descriptor cap, in force before the new listeners accept their first client.
+        self.apply_fd_budget(&next);
+
+        // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
+        let mut listeners = HashMap::new();
+        for cfg in &next.services {
+            let Some(service) = services.get(&cfg.name) else {
+                continue;
+            };
+            for addr in &cfg.listen {
+                let listener = if let Some(existing) = self.listeners.remove(addr) {
+                    existing.set_service(Arc::clone(service));
+                    existing
+                } else if let Some(bound) = fresh.remove(addr) {
+                    let listener =
+                        Listener::start(bound, Arc::clone(service), self.tracker.clone());
+                    info!(service = %cfg.name, listen = %listener.addr, "listening");
+                    listener
+                } else {
+                    continue; // unreachable: step 1 bound every address not already open
+                };
+                listeners.insert(*addr, listener);
+            }
+        }
+
+        // 4. Only now close what is gone; its connections drain on their own.
+        for (addr, old) in std::mem::replace(&mut self.listeners, listeners) {
+            info!(listen = %addr, service = %old.service().name, "listener removed");
+            old.close().await;
+        }
+        self.retire_replaced(services);
+        self.swap_admin(admin, &next);
+        self.admin_state
+            .set_services(self.services.values().cloned().collect());
+        self.admin_state.set_listeners(
+            self.listeners
+                .values()
+                .map(|l| Arc::clone(l.status()))
+                .collect(),
+        );
+        self.config = next;
+        Ok(())
+    }
+
+    /// The resolver a reload needs, built only when `next` changes it. Only the servers, the
+    /// timeout and the family are part of the resolver. The refresh settings (min_refresh,
+    /// max_refresh, empty_hold) go to the running discovery tasks instead: restarting
+    /// discovery for them would throw away every pool's state.
+    fn changed_resolver(&self, next: &Config) -> Result<Option<Resolver>, ControlError> {
+        let changed = next.resolver.nameservers != self.config.resolver.nameservers
+            || next.resolver.timeout != self.config.resolver.timeout
+            || next.resolver.family != self.config.resolver.family;
+        Ok(if changed {
+            Some(Resolver::new(&next.resolver)?)
+        } else {
+            None
+        })
+    }
+
+    /// The services of `next`: those whose discovery is unchanged are kept (pool state
+    /// survives) and take the new settings for the next connection they accept; the others
+    /// start, and get a bounded moment for their first lookup.
+    async fn start_services(
+        &self,
+        next: &Config,
+        resolver_changed: bool,
+    ) -> HashMap<String, Arc<Service>> {
         let mut services = HashMap::new();
         for cfg in &next.services {
             let kept = self
@@ -212,37 +271,11 @@ impl Server {
                 warn!(service = %name, "first DNS lookup still pending; serving without backends until it completes");
             }
         }
+        services
+    }
 
-        // The descriptor cap, in force before the new listeners accept their first client.
-        self.apply_fd_budget(&next);
-
-        // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
-        let mut listeners = HashMap::new();
-        for cfg in &next.services {
-            let Some(service) = services.get(&cfg.name) else {
-                continue;
-            };
-            for addr in &cfg.listen {
-                let listener = if let Some(existing) = self.listeners.remove(addr) {
-                    existing.set_service(Arc::clone(service));
-                    existing
-                } else if let Some(bound) = fresh.remove(addr) {
-                    let listener =
-                        Listener::start(bound, Arc::clone(service), self.tracker.clone());
-                    info!(service = %cfg.name, listen = %listener.addr, "listening");
-                    listener
-                } else {
-                    continue; // unreachable: step 1 bound every address not already open
-                };
-                listeners.insert(*addr, listener);
-            }
-        }
-
-        // 4. Only now close what is gone; its connections drain on their own.
-        for (addr, old) in std::mem::replace(&mut self.listeners, listeners) {
-            info!(listen = %addr, service = %old.service().name, "listener removed");
-            old.close().await;
-        }
+    /// Puts `services` in place; a running service that is not among them is retired.
+    fn retire_replaced(&mut self, services: HashMap<String, Arc<Service>>) {
         for (name, old) in std::mem::replace(&mut self.services, services) {
             match self.services.get(&name) {
                 Some(new) if Arc::ptr_eq(new, &old) => {}
@@ -251,6 +284,11 @@ impl Server {
                 None => old.remove(),
             }
         }
+    }
+
+    /// Starts serving on the newly bound admin listener, or closes the old one when `next`
+    /// has none.
+    fn swap_admin(&mut self, admin: Option<Admin>, next: &Config) {
         if let Some(admin) = admin {
             if let Some(old) = self.admin.take() {
                 old.close();
@@ -262,16 +300,6 @@ impl Server {
                 old.close();
             }
         }
-        self.admin_state
-            .set_services(self.services.values().cloned().collect());
-        self.admin_state.set_listeners(
-            self.listeners
-                .values()
-                .map(|l| Arc::clone(l.status()))
-                .collect(),
-        );
-        self.config = next;
-        Ok(())
     }
 
     /// Derives the process-wide connection cap from RLIMIT_NOFILE as it is now (a reload

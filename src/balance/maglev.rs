@@ -113,61 +113,8 @@ impl MaglevTable {
             });
         }
 
-        // Fill in name order so that the caller's order cannot influence the table.
-        let mut by_name: Vec<usize> = (0..count).collect();
-        by_name.sort_unstable_by(|&a, &b| names[a].cmp(names[b]));
-        if let Some(pair) = by_name.windows(2).find(|p| names[p[0]] == names[p[1]]) {
-            return Err(MaglevError::DuplicateName(names[pair[0]].to_owned()));
-        }
-
-        let all_zero = weights.iter().all(|&w| w == 0);
-        let m = size as u64;
-        let mut fillers: Vec<Filler> = by_name
-            .iter()
-            .filter(|&&i| all_zero || weights[i] > 0)
-            .map(|&i| {
-                let name = names[i].as_bytes();
-                Filler {
-                    // Fits: count < u32::MAX was checked above.
-                    caller_index: i as u32,
-                    position: hash_key(name) % m,
-                    skip: splitmix64_mix(fnv1a64(name, SKIP_BASIS)) % (m - 1) + 1,
-                    weight: if all_zero { 1 } else { u64::from(weights[i]) },
-                    credit: 0,
-                }
-            })
-            .collect();
-        let max_weight = fillers.iter().map(|f| f.weight).max().unwrap_or(1);
-
-        // The paper's populate loop, weighted by credit: each round every backend earns its
-        // weight and takes its next preferred free slot once it holds `max_weight`, so slot
-        // counts follow weights and the heaviest backend takes one slot every round.
-        let mut table = vec![EMPTY; size];
-        let mut filled = 0;
-        'fill: loop {
-            for f in &mut fillers {
-                f.credit += f.weight;
-                if f.credit < max_weight {
-                    continue;
-                }
-                f.credit -= max_weight;
-                // Terminates: skip is in 1..m and m is prime, so the walk reaches every
-                // slot, and at least one is still free.
-                loop {
-                    let slot = f.position as usize;
-                    f.position = (f.position + f.skip) % m;
-                    if table[slot] == EMPTY {
-                        table[slot] = f.caller_index;
-                        break;
-                    }
-                }
-                filled += 1;
-                if filled == size {
-                    break 'fill;
-                }
-            }
-        }
-
+        let fillers = fillers(names, weights, size)?;
+        let table = populate(fillers, size);
         let owners = {
             let mut owns = vec![false; count];
             table.iter().for_each(|&i| owns[i as usize] = true);
@@ -227,6 +174,69 @@ impl MaglevTable {
             seen: Seen::for_backends(self.backend_count),
         }
     }
+}
+
+/// The backends that take slots, in name order so that the caller's order cannot influence
+/// the table, each with its permutation (offset and skip) and weight. Callers have checked
+/// that `names` and `weights` are parallel, non-empty and fewer than `u32::MAX`.
+fn fillers(names: &[&str], weights: &[u32], size: usize) -> Result<Vec<Filler>, MaglevError> {
+    let mut by_name: Vec<usize> = (0..names.len()).collect();
+    by_name.sort_unstable_by(|&a, &b| names[a].cmp(names[b]));
+    if let Some(pair) = by_name.windows(2).find(|p| names[p[0]] == names[p[1]]) {
+        return Err(MaglevError::DuplicateName(names[pair[0]].to_owned()));
+    }
+    let all_zero = weights.iter().all(|&w| w == 0);
+    let m = size as u64;
+    Ok(by_name
+        .iter()
+        .filter(|&&i| all_zero || weights[i] > 0)
+        .map(|&i| {
+            let name = names[i].as_bytes();
+            Filler {
+                // Fits: count < u32::MAX was checked by the caller.
+                caller_index: i as u32,
+                position: hash_key(name) % m,
+                skip: splitmix64_mix(fnv1a64(name, SKIP_BASIS)) % (m - 1) + 1,
+                weight: if all_zero { 1 } else { u64::from(weights[i]) },
+                credit: 0,
+            }
+        })
+        .collect())
+}
+
+/// The paper's populate loop, weighted by credit: each round every backend earns its
+/// weight and takes its next preferred free slot once it holds `max_weight`, so slot
+/// counts follow weights and the heaviest backend takes one slot every round. Returns the
+/// owner (caller index) of every slot.
+fn populate(mut fillers: Vec<Filler>, size: usize) -> Vec<u32> {
+    let max_weight = fillers.iter().map(|f| f.weight).max().unwrap_or(1);
+    let m = size as u64;
+    let mut table = vec![EMPTY; size];
+    let mut filled = 0;
+    'fill: loop {
+        for f in &mut fillers {
+            f.credit += f.weight;
+            if f.credit < max_weight {
+                continue;
+            }
+            f.credit -= max_weight;
+            // Terminates: skip is in 1..m and m is prime, so the walk reaches every
+            // slot, and at least one is still free.
+            loop {
+                let slot = f.position as usize;
+                f.position = (f.position + f.skip) % m;
+                if table[slot] == EMPTY {
+                    table[slot] = f.caller_index;
+                    break;
+                }
+            }
+            filled += 1;
+            if filled == size {
+                break 'fill;
+            }
+        }
+    }
+    table
 }
 
 impl fmt::Debug for MaglevTable {

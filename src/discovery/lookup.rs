@@ -10,7 +10,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::LookupIpStrategy;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use tokio::task::JoinSet;
 use tracing::debug;
 
@@ -138,10 +138,35 @@ pub(crate) async fn query_srv(
             };
         }
     };
+    let (mut records, ttl, dot) = srv_records(lookup.answers());
+    if records.is_empty() {
+        let why = if dot {
+            "target \".\" (service absent)"
+        } else {
+            "no SRV records"
+        };
+        return SrvOutcome::Absent {
+            why,
+            negative_ttl: None,
+        };
+    }
+    let trimmed = trim_records(&mut records);
+    let additional = additional_addresses(lookup.additionals(), Family::of(resolver));
+    SrvOutcome::Records {
+        records,
+        ttl,
+        additional,
+        trimmed,
+    }
+}
+
+/// The SRV records of an answer ("." targets left out), their smallest TTL, and whether a
+/// "." target was among them.
+fn srv_records<'a>(answers: impl IntoIterator<Item = &'a Record>) -> (Vec<SrvRecord>, u32, bool) {
     let mut ttl = u32::MAX;
     let mut records = Vec::new();
     let mut dot = false;
-    for record in lookup.answers() {
+    for record in answers {
         if let RData::SRV(srv) = &record.data {
             ttl = ttl.min(record.ttl);
             if srv.target.is_root() {
@@ -157,22 +182,17 @@ pub(crate) async fn query_srv(
             });
         }
     }
-    if records.is_empty() {
-        let why = if dot {
-            "target \".\" (service absent)"
-        } else {
-            "no SRV records"
-        };
-        return SrvOutcome::Absent {
-            why,
-            negative_ttl: None,
-        };
-    }
-    let trimmed = trim_records(&mut records);
-    let family = Family::of(resolver);
-    // Indexed once, so a large answer costs one pass, not one pass per target.
+    (records, ttl, dot)
+}
+
+/// The addresses of an answer's additional section that `family` allows, per target, with
+/// their smallest TTL. Indexed once, so a large answer costs one pass, not one per target.
+fn additional_addresses<'a>(
+    additionals: impl IntoIterator<Item = &'a Record>,
+    family: Family,
+) -> Additional {
     let mut additional: Additional = HashMap::new();
-    for record in lookup.additionals() {
+    for record in additionals {
         let ip = match &record.data {
             RData::A(a) => IpAddr::V4(a.0),
             RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
@@ -187,12 +207,7 @@ pub(crate) async fn query_srv(
         entry.0.push(ip);
         entry.1 = entry.1.min(record.ttl);
     }
-    SrvOutcome::Records {
-        records,
-        ttl,
-        additional,
-        trimmed,
-    }
+    additional
 }
 
 /// Cuts an answer beyond the caps before any other work: duplicates go, then the records
@@ -366,11 +381,32 @@ pub async fn lookup_srv(
         }
     }
     let targets = addresses.len() + to_resolve.len();
+    let resolved = resolve_targets(resolver, to_resolve).await;
+    let unresolved =
+        take_resolved(resolved, known, &mut addresses, &mut ttl).map(|(skipped, kept, error)| {
+            Unresolved {
+                skipped,
+                kept,
+                targets,
+                error,
+            }
+        });
+    answer(endpoints(&records, &addresses), ttl, unresolved)
+}
+
+/// Folds resolved targets into `addresses` (a transient failure falls back to `known`) and
+/// `ttl`. Returns (skipped, kept, an example error) when some target failed transiently.
+fn take_resolved(
+    resolved: HashMap<String, TargetAddrs>,
+    known: &HashMap<String, Vec<IpAddr>>,
+    addresses: &mut HashMap<String, Vec<IpAddr>>,
+    ttl: &mut u32,
+) -> Option<(usize, usize, String)> {
     let (mut skipped, mut kept, mut error) = (0, 0, None);
-    for (target, addrs) in resolve_targets(resolver, to_resolve).await {
+    for (target, addrs) in resolved {
         let ips = match addrs {
             TargetAddrs::Found(ips, found_ttl) => {
-                ttl = ttl.min(found_ttl);
+                *ttl = (*ttl).min(found_ttl);
                 ips
             }
             TargetAddrs::None(_) => Vec::new(),
@@ -390,14 +426,7 @@ pub async fn lookup_srv(
         };
         addresses.insert(target, ips);
     }
-    let endpoints = endpoints(&records, &addresses);
-    let unresolved = error.map(|error| Unresolved {
-        skipped,
-        kept,
-        targets,
-        error,
-    });
-    answer(endpoints, ttl, unresolved)
+    error.map(|error| (skipped, kept, error))
 }
 
 /// The answer that `endpoints` (from the records and their targets' addresses) make. None

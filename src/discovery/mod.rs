@@ -2,8 +2,8 @@
 //! endpoint sets: `srv.rs` (SRV records, RFC 2782, and their targets' A/AAAA, each on its
 //! TTL) and `statics.rs` (fixed backends). The policy every source shares is `refresh.rs`:
 //! when to ask again, last-known-good on a failed lookup, the empty hold on an absent
-//! service, damping of large removals (`damping.rs`). It feeds whole answers to
-//! `Pool::update`; it never touches connections.
+//! service, and `publish.rs` applies a set to the pool with damping of large removals
+//! (`damping.rs`). It feeds whole answers to `Pool::update`; it never touches connections.
 //!
 //! Beside them: `lookup.rs` does the DNS queries (`probe.rs` tells a refused query from a
 //! slow one), `resolver.rs` builds the DNS client, `schedule.rs` is the interval
@@ -12,6 +12,7 @@
 mod damping;
 mod lookup;
 mod probe;
+mod publish;
 mod refresh;
 mod resolver;
 mod schedule;
