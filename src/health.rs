@@ -1,7 +1,8 @@
 //! Passive failure detection: per-backend failure counting, ejection with growing backoff,
 //! and re-admission. `Health` owns only arithmetic on atomics; [`judge`] applies the policy
 //! to real connections (what counts against a backend, ejection under the tier cap). Neither
-//! opens sockets or decides which backend a client gets (the selector reads `is_available`).
+//! opens sockets or decides which backend a client gets (selection sees `is_available`
+//! through the pool's `Candidate` view of a backend).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -13,8 +13,8 @@ use crate::balance::Selection;
 /// Most backends a service takes from one answer; beyond that the preferred ones are kept.
 /// Bounds the memory and time a huge (or hostile) answer costs.
 pub const MAX_BACKENDS: usize = 10_000;
-/// Most tiers (distinct priorities) a service keeps: each costs a Maglev table of
-/// `maglev_size` slots, so thousands of distinct priorities would cost hundreds of MiB.
+/// Most tiers (distinct priorities) a service keeps: each costs a selector (for Maglev, a
+/// table of `maglev_size` slots), so thousands of distinct priorities would cost hundreds of MiB.
 pub const MAX_TIERS: usize = 32;
 
 /// `cap` for owned endpoints: discovery trims an answer with it before comparing it with
