@@ -17,6 +17,7 @@ pub(crate) enum Seen {
 impl Seen {
     const INLINE: usize = 16;
 
+    #[inline]
     pub(crate) fn for_backends(count: usize) -> Seen {
         if count <= 64 {
             Seen::Bits(0)
@@ -29,6 +30,7 @@ impl Seen {
     }
 
     /// Records `backend`; false if it was already recorded.
+    #[inline]
     pub(crate) fn insert(&mut self, backend: usize) -> bool {
         match self {
             Seen::Bits(bits) => {

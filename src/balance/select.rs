@@ -110,7 +110,7 @@ impl<'a, T: TierView> Selector<'a, T> {
         let clean = |b: &T::Backend| healthy(b) && !b.has_failures() && !b.is_removal_pending();
         let usable = |b: &T::Backend| self.usable(b);
         let picked = self
-            .escape(rng, &healthy)
+            .escape(rng, healthy)
             .or_else(|| {
                 let tier = self
                     .tiers
@@ -118,15 +118,15 @@ impl<'a, T: TierView> Selector<'a, T> {
                     .find(|tier| tier.backends().iter().any(|b| healthy(b)))?;
                 let retrying = !self.tried.is_empty();
                 retrying
-                    .then(|| self.pick_in_tier(tier, rng, &clean))
+                    .then(|| self.pick_in_tier(tier, rng, clean))
                     .flatten()
-                    .or_else(|| self.pick_in_tier(tier, rng, &usable))
+                    .or_else(|| self.pick_in_tier(tier, rng, usable))
             })
             // No tier has a healthy backend: held backends (kept in by the cap) still serve.
             .or_else(|| {
                 self.tiers
                     .iter()
-                    .find_map(|tier| self.pick_in_tier(tier, rng, &usable))
+                    .find_map(|tier| self.pick_in_tier(tier, rng, usable))
             })
             .or_else(|| self.least_recently_failed())?;
         self.tried.push(Arc::as_ptr(&picked) as *const () as usize);
@@ -138,7 +138,7 @@ impl<'a, T: TierView> Selector<'a, T> {
     fn escape(
         &self,
         rng: &mut dyn RngCore,
-        healthy: &dyn Fn(&T::Backend) -> bool,
+        healthy: impl Fn(&T::Backend) -> bool,
     ) -> Option<Arc<T::Backend>> {
         let tried = self.tried.len();
         let last_after_two = tried >= 2 && tried as u64 + 1 >= u64::from(self.max_attempts);
@@ -148,7 +148,7 @@ impl<'a, T: TierView> Selector<'a, T> {
         self.tiers
             .iter()
             .filter(|tier| !tier.backends().iter().any(|b| self.was_tried(b)))
-            .find_map(|tier| self.pick_in_tier(tier, rng, healthy))
+            .find_map(|tier| self.pick_in_tier(tier, rng, &healthy))
     }
 
     /// True when, in some tier this client already tried, at least half of the backends are
@@ -178,12 +178,13 @@ impl<'a, T: TierView> Selector<'a, T> {
         self.tried.contains(&id)
     }
 
-    /// The tier selector's pick among the tier's backends that pass `ok`.
+    /// The tier selector's pick among the tier's backends that pass `ok`. (`ok` is generic,
+    /// so the selector's one virtual call per candidate reaches an inlined predicate.)
     fn pick_in_tier(
         &self,
         tier: &T,
         rng: &mut dyn RngCore,
-        ok: &dyn Fn(&T::Backend) -> bool,
+        ok: impl Fn(&T::Backend) -> bool,
     ) -> Option<Arc<T::Backend>> {
         let backends = tier.backends();
         tier.selector()
@@ -505,5 +506,63 @@ mod tests {
             client_key(a, HashKey::ClientIpPort),
             client_key(b, HashKey::ClientIpPort)
         );
+    }
+
+    /// Selection needs no pool: any tier of `Candidate`s will do, which is what keeps
+    /// `balance/` free of pool and health types.
+    #[test]
+    fn selection_walks_any_tier_view() {
+        struct Fake {
+            up: bool,
+        }
+        impl Candidate for Fake {
+            fn is_available(&self, _now: u64) -> bool {
+                self.up
+            }
+            fn is_held(&self, _now: u64) -> bool {
+                false
+            }
+            fn has_failures(&self) -> bool {
+                !self.up
+            }
+            fn is_removal_pending(&self) -> bool {
+                false
+            }
+            fn last_failure(&self) -> u64 {
+                0
+            }
+            fn load(&self) -> u64 {
+                0
+            }
+        }
+        struct FakeTier {
+            backends: Vec<Arc<Fake>>,
+            selector: Box<dyn TierSelector>,
+        }
+        impl TierView for FakeTier {
+            type Backend = Fake;
+            fn backends(&self) -> &[Arc<Fake>] {
+                &self.backends
+            }
+            fn selector(&self) -> &dyn TierSelector {
+                &*self.selector
+            }
+        }
+        let mut rng = rand::rng();
+        for balance in BOTH {
+            let tier = FakeTier {
+                backends: [true, false, true].map(|up| Arc::new(Fake { up })).into(),
+                selector: Selection::new(balance)
+                    .build(&["a", "b", "c"], &[1, 1, 1])
+                    .expect("selector"),
+            };
+            let tiers = [tier];
+            let mut s = Selector::new(&tiers, 7, 0);
+            let picks: Vec<bool> = std::iter::from_fn(|| s.next_backend(&mut rng))
+                .map(|b| b.up)
+                .collect();
+            // The two available backends, then the ejected one as the last resort.
+            assert_eq!(picks, [true, true, false], "{balance:?}");
+        }
     }
 }

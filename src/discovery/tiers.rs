@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::health::now_ms;
-use crate::pool::Pool;
+use crate::pool::{Pool, Snapshot};
 
 /// How often discovery looks at which tier new connections would use. Tier switches happen
 /// at selection time (health ejects a whole tier), not on DNS refreshes, so they are
@@ -96,28 +96,10 @@ impl TierWatch {
         {
             return None;
         }
-        let (usable, in_tier) = active
-            .and_then(|p| snapshot.tiers.iter().find(|t| t.priority == p))
-            .map(|t| {
-                let usable = t
-                    .backends
-                    .iter()
-                    .filter(|b| b.health.is_available(now))
-                    .count();
-                (usable, t.backends.len())
-            })
-            .unwrap_or((0, 0));
-        // Falling back (to a larger priority value, to none, or from none to a tier that is
-        // not the preferred one) is the alarming direction.
-        let preferred = snapshot.tiers.first().map(|t| t.priority);
+        let (usable, in_tier) = usable_in(&snapshot, active, now);
         let replaced = logged.is_some_and(|old| snapshot.tiers.iter().all(|t| t.priority != old));
-        let fallback = !replaced
-            && match (logged, active) {
-                (Some(old), Some(new)) => new > old,
-                (Some(_), None) => true,
-                (None, Some(new)) => Some(new) != preferred,
-                (None, None) => false,
-            };
+        let preferred = snapshot.tiers.first().map(|t| t.priority);
+        let fallback = !replaced && is_fallback(logged, active, preferred);
         let switch = TierSwitch {
             from: logged,
             to: active,
@@ -131,6 +113,32 @@ impl TierWatch {
         self.switches = 0;
         self.last_log = Some(Instant::now());
         Some(switch)
+    }
+}
+
+/// Usable (not ejected) and all backends of the tier with `priority`; (0, 0) for none.
+fn usable_in(snapshot: &Snapshot, priority: Option<u16>, now: u64) -> (usize, usize) {
+    priority
+        .and_then(|p| snapshot.tiers.iter().find(|t| t.priority == p))
+        .map(|t| {
+            let usable = t
+                .backends
+                .iter()
+                .filter(|b| b.health.is_available(now))
+                .count();
+            (usable, t.backends.len())
+        })
+        .unwrap_or((0, 0))
+}
+
+/// Falling back (to a larger priority value, to none, or from none to a tier that is not
+/// the preferred one) is the alarming direction.
+fn is_fallback(from: Option<u16>, to: Option<u16>, preferred: Option<u16>) -> bool {
+    match (from, to) {
+        (Some(old), Some(new)) => new > old,
+        (Some(_), None) => true,
+        (None, Some(new)) => Some(new) != preferred,
+        (None, None) => false,
     }
 }
 
