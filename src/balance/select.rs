@@ -71,7 +71,7 @@ pub struct Selector<'a, T: TierView> {
     now: u64,
     /// Addresses of the backends already handed out (pointer identity, kept as integers so
     /// the selector stays `Send` across the proxy's awaits).
-    tried: Vec<usize>,
+    tried: Tried,
     /// How many backends the caller will try at most (u32::MAX: no limit known).
     max_attempts: u32,
 }
@@ -82,7 +82,7 @@ impl<'a, T: TierView> Selector<'a, T> {
             tiers,
             key,
             now,
-            tried: Vec::with_capacity(4),
+            tried: Tried::default(),
             max_attempts: u32::MAX,
         }
     }
@@ -175,7 +175,7 @@ impl<'a, T: TierView> Selector<'a, T> {
 
     fn was_tried(&self, backend: &T::Backend) -> bool {
         let id = backend as *const T::Backend as *const () as usize;
-        self.tried.contains(&id)
+        self.tried.contains(id)
     }
 
     /// The tier selector's pick among the tier's backends that pass `ok`. (`ok` is generic,
@@ -203,6 +203,40 @@ impl<'a, T: TierView> Selector<'a, T> {
             .filter(|b| !self.was_tried(b))
             .min_by_key(|b| b.last_failure())
             .map(Arc::clone)
+    }
+}
+
+/// The backends one connection has tried: inline for the usual few attempts, so a
+/// selection allocates nothing unless a client walks past [`Tried::INLINE`] backends.
+#[derive(Debug, Default)]
+struct Tried {
+    inline: [usize; Tried::INLINE],
+    len: usize,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    /// `connect_retries` defaults to 2: three attempts fit with room to spare.
+    const INLINE: usize = 4;
+
+    fn push(&mut self, id: usize) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = id,
+            None => self.more.push(id),
+        }
+        self.len += 1;
+    }
+
+    fn contains(&self, id: usize) -> bool {
+        self.inline[..self.len.min(Tried::INLINE)].contains(&id) || self.more.contains(&id)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -563,6 +597,21 @@ mod tests {
                 .collect();
             // The two available backends, then the ejected one as the last resort.
             assert_eq!(picks, [true, true, false], "{balance:?}");
+        }
+    }
+
+    /// Past the inline part of the tried set, a walk still never repeats a backend.
+    #[test]
+    fn a_long_walk_never_repeats_a_backend() {
+        let spec: Vec<(u8, u16, u16)> = (1..=12).map(|i| (i, 10 + u16::from(i % 2), 1)).collect();
+        let mut rng = rand::rng();
+        for (balance, snap) in both(&spec) {
+            let mut s = Selector::new(&snap.tiers, 3, crate::health::now_ms());
+            let mut seen: Vec<u8> = std::iter::from_fn(|| s.next_backend(&mut rng))
+                .map(|b| octet(&b))
+                .collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (1..=12).collect::<Vec<u8>>(), "{balance:?}");
         }
     }
 }
