@@ -1,5 +1,6 @@
-//! The set of backends a Maglev preference walk has already yielded: inline for the usual
-//! one or two candidates, on the heap only for long walks over large tiers.
+//! Sets of backends already met, inline for the usual few and on the heap only for long
+//! walks: `Seen`, what a Maglev preference walk has yielded, and `Tried`, what one
+//! connection's selector has handed out. Both keep the hot path free of allocation.
 
 /// Backends already yielded by a walk. Callers usually stop after one or two candidates,
 /// so a walk only allocates once it has yielded more than [`Seen::INLINE`] backends of a
@@ -77,4 +78,42 @@ fn max_id(ids: &[u32]) -> usize {
 
 fn set_bit(words: &mut [u64], bit: usize) {
     words[bit / 64] |= 1 << (bit % 64);
+}
+
+/// The backends one connection has tried: inline for the usual few attempts, so a
+/// selection allocates nothing unless a client walks past [`Tried::INLINE`] backends.
+#[derive(Debug, Default)]
+pub(crate) struct Tried {
+    inline: [usize; Tried::INLINE],
+    len: usize,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    /// `connect_retries` defaults to 2: three attempts fit with room to spare.
+    const INLINE: usize = 4;
+
+    #[inline]
+    pub(crate) fn push(&mut self, id: usize) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = id,
+            None => self.more.push(id),
+        }
+        self.len += 1;
+    }
+
+    #[inline]
+    pub(crate) fn contains(&self, id: usize) -> bool {
+        self.inline[..self.len.min(Tried::INLINE)].contains(&id) || self.more.contains(&id)
+    }
+
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 
+use super::seen::Tried;
 use super::{TierSelector, hash_key};
 use crate::config::HashKey;
 
@@ -203,40 +204,6 @@ impl<'a, T: TierView> Selector<'a, T> {
             .filter(|b| !self.was_tried(b))
             .min_by_key(|b| b.last_failure())
             .map(Arc::clone)
-    }
-}
-
-/// The backends one connection has tried: inline for the usual few attempts, so a
-/// selection allocates nothing unless a client walks past [`Tried::INLINE`] backends.
-#[derive(Debug, Default)]
-struct Tried {
-    inline: [usize; Tried::INLINE],
-    len: usize,
-    more: Vec<usize>,
-}
-
-impl Tried {
-    /// `connect_retries` defaults to 2: three attempts fit with room to spare.
-    const INLINE: usize = 4;
-
-    fn push(&mut self, id: usize) {
-        match self.inline.get_mut(self.len) {
-            Some(slot) => *slot = id,
-            None => self.more.push(id),
-        }
-        self.len += 1;
-    }
-
-    fn contains(&self, id: usize) -> bool {
-        self.inline[..self.len.min(Tried::INLINE)].contains(&id) || self.more.contains(&id)
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
