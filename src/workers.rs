@@ -17,6 +17,14 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::warn;
 
+/// The period of each worker's heartbeat timer. tokio's timer driver wakes its own thread
+/// (an eventfd write, then an extra epoll_wait) whenever a timer is set to fire before every
+/// timer already set; a worker whose connections are all short often has none, so every new
+/// connection's connect timeout did that. A timer that is always due within this period
+/// makes connect and idle timeouts (2 s and more by default) never the earliest. Measured
+/// with `CLOSE=1 scripts/bench-syscalls` (BENCHMARKS.md).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// How long a stopping worker lets its runtime wind down (tasks are dropped, which closes
 /// their sockets) before its thread ends regardless.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -75,7 +83,12 @@ impl Worker {
             .name(format!("srvlb-worker-{index}"))
             .spawn(move || {
                 // Ends when the sender is used or dropped; either way the worker stops.
-                let _ = runtime.block_on(stopped);
+                let _ = runtime.block_on(async {
+                    tokio::select! {
+                        _ = stopped => {}
+                        () = heartbeat() => {}
+                    }
+                });
                 runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
             })?;
         Ok(Worker {
@@ -83,6 +96,15 @@ impl Worker {
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+}
+
+/// Keeps one timer due within `HEARTBEAT` on the worker, forever.
+async fn heartbeat() {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 
