@@ -83,7 +83,7 @@ impl Worker {
             .name(format!("srvlb-worker-{index}"))
             .spawn(move || {
                 // Ends when the sender is used or dropped; either way the worker stops.
-                let _ = runtime.block_on(async {
+                runtime.block_on(async {
                     tokio::select! {
                         _ = stopped => {}
                         () = heartbeat() => {}
