@@ -142,8 +142,17 @@ impl<'a> Progress<'a> {
         // Boxed: the wait (a readiness future and a timer, some 250 bytes) is needed only
         // while the destination is full, and inline it would be part of every connection's
         // task, idle ones included, twice (one pump each way).
-        let woken = Box::pin(writable_or_probe(to, self.probe_every)).await?;
-        if woken {
+        Box::pin(self.write_after_wait(to, write)).await
+    }
+
+    /// The second half of [`Progress::write_when_ready`], for a destination that just said
+    /// EAGAIN: waits until it is writable or it is time to probe it, then writes.
+    pub(crate) async fn write_after_wait(
+        &self,
+        to: &TcpStream,
+        mut write: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        if writable_or_probe(to, self.probe_every).await? {
             to.try_io(Interest::WRITABLE, write)
         } else {
             write()
@@ -448,9 +457,14 @@ async fn pump(
             Ok(n) => {
                 progress.set_holding(true);
                 progress.touch();
-                write_all_progress(to, &buf[..n], progress)
-                    .await
-                    .map_err(PumpError::Write)?;
+                // Nearly always the destination takes it all at once; only a full one needs
+                // the wait, boxed so that it is not part of every connection's task.
+                let written = write_now(to, &buf[..n], progress).map_err(PumpError::Write)?;
+                if written < n {
+                    Box::pin(write_rest(to, &buf[written..n], progress))
+                        .await
+                        .map_err(PumpError::Write)?;
+                }
                 progress.set_holding(false);
                 moved(n as u64);
                 if n < buf.capacity() {
@@ -524,24 +538,41 @@ pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// [`write_all`] for a pump: tells `progress` about every partial write, and probes a full
-/// destination (see [`Progress`]). Its own future is small (the wait is boxed), since every
-/// connection's task holds one per direction.
-pub(crate) async fn write_all_progress(
-    to: &TcpStream,
-    mut data: &[u8],
-    progress: &Progress<'_>,
-) -> io::Result<()> {
+/// Writes as much of `data` as `to` takes now, without waiting; returns how much that was.
+fn write_now(to: &TcpStream, data: &[u8], progress: &Progress<'_>) -> io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        let rest = &data[written..];
+        match to.try_io(Interest::WRITABLE, || SockRef::from(to).send(rest)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                progress.touch();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// The part of a pump's write that [`write_now`] could not hand over (the destination is
+/// full): waits for room or a probe (see [`Progress`]), writes, and goes on until all of
+/// `data` is written, telling `progress` about every partial write.
+async fn write_rest(to: &TcpStream, mut data: &[u8], progress: &Progress<'_>) -> io::Result<()> {
     while !data.is_empty() {
         // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
         let written = progress
-            .write_when_ready(to, || SockRef::from(to).send(data))
+            .write_after_wait(to, || SockRef::from(to).send(data))
             .await;
         match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 data = &data[n..];
                 progress.touch();
+                let more = write_now(to, data, progress)?;
+                data = &data[more..];
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

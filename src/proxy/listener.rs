@@ -77,7 +77,9 @@ struct TrackerInner {
     open: AtomicUsize,
     idle: Notify,
     /// Set once the shutdown grace has elapsed: every open connection ends now.
-    cut: watch::Sender<bool>,
+    cut: AtomicBool,
+    /// Wakes the connections waiting in `Tracked::cut` when `cut` is set.
+    cut_now: Notify,
 }
 
 impl Default for TrackerInner {
@@ -85,7 +87,8 @@ impl Default for TrackerInner {
         TrackerInner {
             open: AtomicUsize::new(0),
             idle: Notify::new(),
-            cut: watch::Sender::new(false),
+            cut: AtomicBool::new(false),
+            cut_now: Notify::new(),
         }
     }
 }
@@ -96,12 +99,15 @@ pub struct Tracked(Arc<TrackerInner>);
 impl Tracked {
     /// Resolves when the connection must end now (the shutdown grace elapsed).
     pub async fn cut(&self) {
-        let mut cut = self.0.cut.subscribe();
-        // Err only if the sender is gone, which cannot happen while `self` holds it; treat it
-        // as "never".
-        if cut.wait_for(|cut| *cut).await.is_err() {
-            std::future::pending::<()>().await;
+        // A `Notify` waiter rather than a watch subscription: every open connection holds
+        // this future for its whole life, and this one is less than half the size.
+        let notified = self.0.cut_now.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.0.cut.load(Ordering::Acquire) {
+            return;
         }
+        notified.await;
     }
 }
 
@@ -126,7 +132,8 @@ impl ConnectionTracker {
     /// Tells every open connection to end now. Each ends in its own task: with a reset
     /// when bytes were still in flight, else with a clean close.
     pub fn cut_all(&self) {
-        self.inner.cut.send_replace(true);
+        self.inner.cut.store(true, Ordering::Release);
+        self.inner.cut_now.notify_waiters();
     }
 
     /// Sets the process-wide cap on proxied connections. Lowering it below the connections
