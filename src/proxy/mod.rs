@@ -79,67 +79,74 @@ impl Drop for ServiceActive<'_> {
 /// `tracked` counts the connection for the shutdown drain and tells it when the drain's
 /// grace has elapsed, so that the connection is ended by its own task, which knows whether
 /// bytes are still in flight (and then resets both sides instead of closing them cleanly).
-pub async fn serve_client(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+pub fn serve_client(
     service: Arc<Service>,
     mut client: TcpStream,
     peer: SocketAddr,
     tracked: listener::Tracked,
-) {
-    let started = Instant::now();
-    let _active = ServiceActive::new(&service);
-    let config = service.config();
-    let Some((peer, local)) = introduce(&service, &config, &mut client, peer, started).await else {
-        return;
-    };
-    let Some(_source_slot) = admit(&service, &config, &client, peer, started) else {
-        return;
-    };
-    let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await else {
-        return;
-    };
-    let backend = connected.backend.backend();
-    // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
-    // only means the connection is already gone; the transfer will report that.
-    let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
-    // Awaited in a statement of its own: a future awaited in a `match` scrutinee would stay
-    // part of this task's state through the whole transfer in the arm.
-    let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream).await;
-    let transfer = match header_sent {
-        Ok(()) => {
-            // Pinned here and lent down: a future passed by value is stored again by every
-            // async fn it passes through, for the connection's whole life.
-            let cut = std::pin::pin!(tracked.cut());
-            transfer(&service, &config, &client, &connected, cut).await
-        }
-        Err(e) => {
-            reset_on_close(&client);
-            Transfer::failed_before_data(e.kind())
-        }
-    };
-    judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
-    let reason = transfer.end.label();
-    access(
-        &service,
-        peer,
-        Some(backend),
-        connected.attempts,
-        (transfer.client_to_backend, transfer.backend_to_client),
-        started,
-        &reason,
-    );
-    info!(
-        service = %service.name,
-        client = %peer,
-        backend = %backend.addr(),
-        target = %backend.key.target,
-        attempts = connected.attempts,
-        bytes_in = transfer.client_to_backend,
-        bytes_out = transfer.backend_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        reason = %reason,
-        reset_pending = transfer.cut_pending,
-        "connection closed"
-    );
+) -> impl Future<Output = ()> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        let started = Instant::now();
+        let _active = ServiceActive::new(&service);
+        let config = service.config();
+        let Some((peer, local)) = introduce(&service, &config, &mut client, peer, started).await
+        else {
+            return;
+        };
+        let Some(_source_slot) = admit(&service, &config, &client, peer, started) else {
+            return;
+        };
+        let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await
+        else {
+            return;
+        };
+        let backend = connected.backend.backend();
+        // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
+        // only means the connection is already gone; the transfer will report that.
+        let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
+        // Awaited in a statement of its own: a future awaited in a `match` scrutinee would stay
+        // part of this task's state through the whole transfer in the arm.
+        let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream).await;
+        let transfer = match header_sent {
+            Ok(()) => {
+                // Pinned here and lent down: a future passed by value is stored again by every
+                // async fn it passes through, for the connection's whole life.
+                let cut = std::pin::pin!(tracked.cut());
+                transfer(&service, &config, &client, &connected, cut).await
+            }
+            Err(e) => {
+                reset_on_close(&client);
+                Transfer::failed_before_data(e.kind())
+            }
+        };
+        judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
+        let reason = transfer.end.label();
+        access(
+            &service,
+            peer,
+            Some(backend),
+            connected.attempts,
+            (transfer.client_to_backend, transfer.backend_to_client),
+            started,
+            &reason,
+        );
+        info!(
+            service = %service.name,
+            client = %peer,
+            backend = %backend.addr(),
+            target = %backend.key.target,
+            attempts = connected.attempts,
+            bytes_in = transfer.client_to_backend,
+            bytes_out = transfer.backend_to_client,
+            duration_ms = started.elapsed().as_millis() as u64,
+            reason = %reason,
+            reset_pending = transfer.cut_pending,
+            "connection closed"
+        );
+    }
 }
 
 static PROXY_HEADER_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
@@ -341,25 +348,30 @@ async fn send_proxy_header(
 /// Stage 4: bytes both ways until the connection ends. The first byte either way proves the
 /// backend works: the success is recorded then, not at close, so a long-lived connection
 /// re-admits an ejected backend (and resets its failure count) as soon as it carries data.
-async fn transfer(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+fn transfer(
     service: &Service,
     config: &ServiceConfig,
     client: &TcpStream,
     connected: &Connected,
     cut: impl Future<Output = ()>,
-) -> Transfer {
-    let backend: &Backend = connected.backend.backend();
-    let proven = AtomicBool::new(false);
-    let count = |side: Side, n: u64| {
-        match side {
-            Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
-            Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
+) -> impl Future<Output = Transfer> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        let backend: &Backend = connected.backend.backend();
+        let proven = AtomicBool::new(false);
+        let count = |side: Side, n: u64| {
+            match side {
+                Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
+                Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
+            };
+            if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
+                judge::record_success(service, backend, connected.at);
+            }
         };
-        if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
-            judge::record_success(service, backend, connected.at);
-        }
-    };
-    proxy_streams(client, &connected.stream, config.idle_timeout, cut, &count).await
+        proxy_streams(client, &connected.stream, config.idle_timeout, cut, &count).await
+    }
 }
 
 /// Sets TCP keepalive on a socket, or turns it off (`None`), so that a peer that vanished (a
