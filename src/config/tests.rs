@@ -55,6 +55,8 @@ fn defaults_are_applied() {
         config.global,
         GlobalConfig {
             admin: None,
+            admin_socket: None,
+            admin_token: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
             access_log: None,
