@@ -353,9 +353,23 @@ fn the_unix_socket_serves_the_endpoint_replaces_a_stale_file_and_is_removed_on_e
     // The TCP endpoint serves beside it.
     assert!(get(admin, "/healthz", "").0.starts_with("HTTP/1.1 200"));
 
+    // A reload that moves the socket: the new path serves, the old file is gone.
+    let moved = dir.join("moved.sock");
+    let global = format!("admin_socket = \"{}\"", moved.display());
+    srvlb.write_config(&config(admin, listen, backend.addr, &global));
+    srvlb.signal("HUP");
+    srvlb.wait_log("configuration reloaded", Duration::from_secs(10));
+    assert!(!path.exists(), "the old socket file outlived the reload");
+    let stream = UnixStream::connect(&moved).expect("connect to the moved socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let (status, _, _) = exchange(stream, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
     srvlb.signal("TERM");
     assert_eq!(srvlb.wait_exit(Duration::from_secs(10)), Some(0));
-    assert!(!path.exists(), "the socket file outlived srvlb");
+    assert!(!moved.exists(), "the socket file outlived srvlb");
 }
 
 fn write_token(dir: &Path, token: &str) -> std::path::PathBuf {
