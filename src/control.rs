@@ -22,6 +22,7 @@ use crate::fd_budget::FdBudget;
 use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::{ConnectionLimit, Service};
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -45,6 +46,11 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start {count} worker threads: {source}")]
+    Workers {
+        count: usize,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
@@ -63,6 +69,9 @@ pub struct Server {
     admin_state: Arc<AdminState>,
     /// The descriptor budget in force (see `apply_fd_budget`).
     budget: Option<FdBudget>,
+    /// The data-path threads every listener accepts on. Declared last: dropped after the
+    /// listeners, it stops the threads once nothing accepts on them any more.
+    workers: Workers,
 }
 
 impl Server {
@@ -75,6 +84,12 @@ impl Server {
             config.global.access_log_format,
         )?;
         let admin_state = Arc::new(AdminState::default());
+        let count = config.global.worker_count();
+        let workers = Workers::start(count).map_err(|source| ControlError::Workers {
+            count: count.get(),
+            source,
+        })?;
+        info!(workers = count.get(), "data-path workers started");
         let mut server = Server {
             config: Config {
                 services: Vec::new(),
@@ -88,6 +103,7 @@ impl Server {
             admin_socket: None,
             admin_state,
             budget: None,
+            workers,
         };
         server.apply(config).await?;
         Ok(server)
@@ -138,7 +154,7 @@ impl Server {
                     continue;
                 }
                 let bind = |addr: SocketAddr| {
-                    let bound = Bound::bind(addr)?;
+                    let bound = Bound::bind(addr, &self.workers)?;
                     bound.set_keepalive(service.tcp_keepalive)?;
                     Ok(bound)
                 };
@@ -281,6 +297,14 @@ impl Server {
                 .map(|l| Arc::clone(l.status()))
                 .collect(),
         );
+        let asked = next.global.worker_count().get();
+        if asked != self.workers.count() {
+            warn!(
+                workers = self.workers.count(),
+                configured = asked,
+                "global.workers is read at start: the running workers stay until a restart"
+            );
+        }
         self.config = next;
         Ok(())
     }

@@ -16,6 +16,7 @@ mod values;
 mod tests;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -48,6 +49,19 @@ pub struct GlobalConfig {
     /// File that gets one line per client connection; `None`: no access log.
     pub access_log: Option<PathBuf>,
     pub access_log_format: LogFormat,
+    /// Data-path worker threads; `None` for `"auto"` (one per CPU). Read at start only.
+    pub workers: Option<NonZeroUsize>,
+}
+
+impl GlobalConfig {
+    /// The most worker threads `workers` may ask for.
+    pub const MAX_WORKERS: i64 = 1024;
+
+    /// The number of worker threads this configuration runs with on this machine.
+    pub fn worker_count(&self) -> NonZeroUsize {
+        self.workers
+            .unwrap_or_else(crate::workers::Workers::auto_count)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,6 +51,14 @@ pub(crate) fn render(config: &Config) -> String {
         }
     };
     row(&mut out, "access log", &[access_log]);
+    let workers = match config.global.workers {
+        Some(n) => format!("{n} (read at start; a reload keeps the running count)"),
+        None => format!(
+            "auto: {} on this machine, one per CPU (read at start)",
+            config.global.worker_count()
+        ),
+    };
+    row(&mut out, "workers", &[workers]);
 
     let resolver = &config.resolver;
     line(&mut out, "\nresolver");

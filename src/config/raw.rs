@@ -32,6 +32,7 @@ pub(crate) struct RawGlobal {
     pub shutdown_grace: Option<Spanned<Scalar>>,
     pub access_log: Option<Text>,
     pub access_log_format: Option<Spanned<Scalar>>,
+    pub workers: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

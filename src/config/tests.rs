@@ -61,6 +61,7 @@ fn defaults_are_applied() {
             shutdown_grace: Duration::from_secs(30),
             access_log: None,
             access_log_format: LogFormat::Text,
+            workers: None,
         }
     );
     assert_eq!(
@@ -105,6 +106,20 @@ fn defaults_are_applied() {
 }
 
 #[test]
+fn workers_is_auto_or_a_count_in_range() {
+    let auto = ok(&format!("[global]\nworkers = \"auto\"\n{SERVICE}"));
+    assert_eq!(auto.global.workers, None);
+    assert!(auto.global.worker_count().get() >= 1);
+    for bad in ["0", "1025", "-1", "\"many\"", "2.5"] {
+        let e = err(&format!("[global]\nworkers = {bad}\n{SERVICE}"));
+        assert!(
+            e.starts_with("t.toml:2:11: global.workers: expected \"auto\" or a number of threads from 1 to 1024"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn every_key_is_read() {
     let config = ok(r#"
 [global]
@@ -113,6 +128,7 @@ log_format = "json"
 shutdown_grace = "0s"
 access_log = "/var/log/srvlb/access.log"
 access_log_format = "json"
+workers = 3
 [resolver]
 nameservers = ["10.0.0.53", "127.0.0.1:8600", "[::1]:5353", "::2", "[::3]"]
 timeout = "500ms"
@@ -149,6 +165,7 @@ max_ejected_percent = 100
         Some(Path::new("/var/log/srvlb/access.log"))
     );
     assert_eq!(config.global.access_log_format, LogFormat::Json);
+    assert_eq!(config.global.workers.map(|n| n.get()), Some(3));
     let ns: Vec<SocketAddr> = [
         "10.0.0.53:53",
         "127.0.0.1:8600",

@@ -192,8 +192,9 @@ pub async fn proxy_streams(
     #[cfg(not(target_os = "linux"))]
     let pipes = &PipePool;
     // Shared by the two pumps and the idle watch, which all run inside this one task, so
-    // Cell would do for the logic; but this future must be Send (it is spawned on the
-    // multi-threaded runtime) and `&Cell` is not, so uncontended relaxed atomics it is.
+    // Cell would do for the logic; but this future must be Send (`tokio::spawn` asks for it
+    // even on a worker's single-threaded runtime) and `&Cell` is not, so uncontended relaxed
+    // atomics it is.
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let last_activity = AtomicU64::new(now_ms());
@@ -257,8 +258,11 @@ pub async fn proxy_streams(
             break End::Closed;
         }
     };
-    let pending =
-        up_progress.is_holding() || down_progress.is_holding() || unread(client) || unread(backend);
+    // Asked only when srvlb ends the connection itself: after a clean close or a reset the
+    // answer changes nothing, and the two FIONREAD calls would cost every connection.
+    let pending = || {
+        up_progress.is_holding() || down_progress.is_holding() || unread(client) || unread(backend)
+    };
     // A shutdown cut also resets a stream that is merely caught up: a direction still open
     // that moved bytes within the last second is mid-transfer (a backend streaming rows a
     // little slower than the client reads them), and a FIN would pass it off as complete.
@@ -268,8 +272,8 @@ pub async fn proxy_streams(
         open && now_ms().saturating_sub(last_activity.load(Ordering::Relaxed)) < AT_REST_MS
     };
     let cut_pending = match end {
-        End::IdleTimeout => pending,
-        End::Shutdown => pending || in_flight(),
+        End::IdleTimeout => pending(),
+        End::Shutdown => pending() || in_flight(),
         _ => false,
     };
     if matches!(end, End::Reset(..)) || cut_pending {
