@@ -265,3 +265,90 @@ fn body(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    /// Sends `request` to a served connection; the status line of the answer ("" when the
+    /// connection closed without one).
+    async fn status_of(request: &[u8]) -> String {
+        let state = Arc::new(AdminState::default());
+        let (slot, _) = state.slots.admit(4);
+        let (mut client, server) = duplex(64 << 10);
+        let serving = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { exchange(server, &slot, &state).await }
+        });
+        client.write_all(request).await.expect("send");
+        let mut response = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut response));
+        read.await
+            .expect("answered or closed in time")
+            .expect("read");
+        let _ = serving.await;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        text.lines().next().unwrap_or("").to_owned()
+    }
+
+    #[tokio::test]
+    async fn valid_heads_with_crlf_or_bare_lf_are_answered() {
+        for request in [
+            &b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /healthz?x=1 HTTP/1.0\nHost: x\n\n",
+            b"GET /healthz HTTP/1.1\n\n",
+        ] {
+            // hyper answers an HTTP/1.0 request in HTTP/1.0.
+            let status = status_of(request).await;
+            assert!(status.ends_with(" 200 OK"), "{request:?}: {status}");
+        }
+        assert!(
+            status_of(b"POST /healthz HTTP/1.1\r\n\r\n")
+                .await
+                .contains("405")
+        );
+        assert!(
+            status_of(b"GET /nope HTTP/1.1\r\n\r\n")
+                .await
+                .contains("404")
+        );
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_answered_400_at_once() {
+        for bad in [
+            &b"\x16\x03\x01\x02\x00\r\n\r\n"[..], // a TLS ClientHello
+            b"\x00\xff",
+            b"get / HTTP/1.1\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"GET / FTP/1.0\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"GET /\x01 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: \x00\r\n\r\n",
+        ] {
+            let status = status_of(bad).await;
+            assert!(status.starts_with("HTTP/1.1 400"), "{bad:?}: {status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endless_head_is_431() {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        while head.len() < 2 * MAX_HEAD {
+            head.extend_from_slice(b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        let status = status_of(&head).await;
+        assert!(status.starts_with("HTTP/1.1 431"), "{status:?}");
+    }
+
+    #[test]
+    fn openmetrics_is_served_only_when_asked_for() {
+        let om = "application/openmetrics-text;version=1.0.0,text/plain;q=0.5";
+        assert_eq!(Format::from_accept(Some(om)), Format::OpenMetrics);
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Prometheus);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+    }
+}
