@@ -139,14 +139,10 @@ impl<'a> Progress<'a> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             done => return done,
         }
-        let woken = tokio::select! {
-            biased;
-            ready = to.writable() => {
-                ready?;
-                true
-            }
-            () = tokio::time::sleep(self.probe_every) => false,
-        };
+        // Boxed: the wait (a readiness future and a timer, some 250 bytes) is needed only
+        // while the destination is full, and inline it would be part of every connection's
+        // task, idle ones included, twice (one pump each way).
+        let woken = Box::pin(writable_or_probe(to, self.probe_every)).await?;
         if woken {
             to.try_io(Interest::WRITABLE, write)
         } else {
@@ -166,6 +162,15 @@ impl<'a> Progress<'a> {
 
     fn is_holding(&self) -> bool {
         self.holding.load(Ordering::Relaxed)
+    }
+}
+
+/// Resolves with true when `to` is writable, with false when `probe_every` passed first.
+async fn writable_or_probe(to: &TcpStream, probe_every: Duration) -> io::Result<bool> {
+    tokio::select! {
+        biased;
+        ready = to.writable() => ready.map(|()| true),
+        () = tokio::time::sleep(probe_every) => Ok(false),
     }
 }
 
@@ -223,12 +228,19 @@ pub async fn proxy_streams(
     tokio::pin!(idle_expired, cut);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
+    // A side that sent FIN can still reset later. Its pump is finished, so only a watch for
+    // its error notices; without it a silent other side would keep the connection (and the
+    // backend's slot) until the idle timeout. Boxed and made only once the side's FIN came:
+    // inline, the two watches would be part of every connection's task.
+    let mut client_error = None;
+    let mut backend_error = None;
     let mut first_to_finish: Option<(Side, u64)> = None;
     let end = loop {
         tokio::select! {
             result = &mut c2b, if !c2b_done => match result {
                 Ok(()) => {
                     c2b_done = true;
+                    client_error = Some(Box::pin(peer_error(client)));
                     first_to_finish.get_or_insert((Side::Client, now_ms()));
                 }
                 Err(PumpError::Read(e)) => break fail(Side::Client, e, &mut first_to_finish),
@@ -237,18 +249,16 @@ pub async fn proxy_streams(
             result = &mut b2c, if !b2c_done => match result {
                 Ok(()) => {
                     b2c_done = true;
+                    backend_error = Some(Box::pin(peer_error(backend)));
                     first_to_finish.get_or_insert((Side::Backend, now_ms()));
                 }
                 Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
                 Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
             },
-            // A side that sent FIN can still reset later. Its pump is finished, so only this
-            // watch notices; without it a silent other side would keep the connection (and
-            // the backend's slot) until the idle timeout.
-            e = peer_error(client), if c2b_done => {
+            e = poll_some(&mut client_error), if client_error.is_some() => {
                 break fail(Side::Client, e, &mut first_to_finish)
             }
-            e = peer_error(backend), if b2c_done => {
+            e = poll_some(&mut backend_error), if backend_error.is_some() => {
                 break fail(Side::Backend, e, &mut first_to_finish)
             }
             () = &mut idle_expired => break End::IdleTimeout,
@@ -325,6 +335,14 @@ async fn peer_error(stream: &TcpStream) -> io::Error {
     }
 }
 
+/// Awaits the future in `slot`; never resolves when there is none.
+async fn poll_some<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Makes the kernel send RST instead of FIN when the socket is closed.
 pub fn reset_on_close(stream: &TcpStream) {
     // Failing here only means the peer gets a FIN instead of a RST; nothing to recover.
@@ -382,7 +400,11 @@ async fn pump(
         #[cfg(target_os = "linux")]
         if mode == Mode::Splice {
             use super::splice::{SpliceEnd, splice_direction};
-            match splice_direction(from, to, pipes, progress, &mut |n| moved(n)).await {
+            // Boxed, allocated once per burst: inline, the splice state (some 500 bytes)
+            // would be part of every connection's task, idle ones included.
+            let mut count = |n| moved(n);
+            let spliced = Box::pin(splice_direction(from, to, pipes, progress, &mut count));
+            match spliced.await {
                 SpliceEnd::Eof => return pass_fin(to),
                 SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
                 SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
@@ -407,7 +429,11 @@ async fn pump(
             mode = Mode::Buffer;
             continue;
         }
-        from.readable().await.map_err(PumpError::Read)?;
+        // The pump is the one reader of `from`, so the socket's own reader slot holds its
+        // waker: no waiter node in the task (as `readable()` would put there, 150 bytes).
+        std::future::poll_fn(|cx| from.poll_read_ready(cx))
+            .await
+            .map_err(PumpError::Read)?;
         // Small while splice may take over bulk; the bulk size once the copy is all there is
         // (splice off, refused, or out of pipes).
         let buffer_size = if splice_allowed {
@@ -422,7 +448,7 @@ async fn pump(
             Ok(n) => {
                 progress.set_holding(true);
                 progress.touch();
-                write_all_progress(to, &buf[..n], Some(progress))
+                write_all_progress(to, &buf[..n], progress)
                     .await
                     .map_err(PumpError::Write)?;
                 progress.set_holding(false);
@@ -483,37 +509,39 @@ fn splice_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("SRVLB_SPLICE").is_none_or(|v| v != "0"))
 }
 
-/// Writes all of `data` to a stream shared by reference.
-pub async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
-    write_all_progress(to, data, None).await
+/// Writes all of `data` to a stream shared by reference (the PROXY header, tests).
+pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
-/// [`write_all`], telling `progress` about every partial write.
-async fn write_all_progress(
+/// [`write_all`] for a pump: tells `progress` about every partial write, and probes a full
+/// destination (see [`Progress`]). Its own future is small (the wait is boxed), since every
+/// connection's task holds one per direction.
+pub(crate) async fn write_all_progress(
     to: &TcpStream,
     mut data: &[u8],
-    progress: Option<&Progress<'_>>,
+    progress: &Progress<'_>,
 ) -> io::Result<()> {
     while !data.is_empty() {
-        let written = match progress {
-            None => {
-                to.writable().await?;
-                to.try_write(data)
-            }
-            // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
-            Some(progress) => {
-                progress
-                    .write_when_ready(to, || SockRef::from(to).send(data))
-                    .await
-            }
-        };
+        // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
+        let written = progress
+            .write_when_ready(to, || SockRef::from(to).send(data))
+            .await;
         match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 data = &data[n..];
-                if let Some(progress) = progress {
-                    progress.touch();
-                }
+                progress.touch();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -101,9 +101,14 @@ pub async fn serve_client(
     // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
     // only means the connection is already gone; the transfer will report that.
     let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
-    let transfer = match send_proxy_header(&config, &client, peer, local, &connected.stream).await {
+    // Awaited in a statement of its own: a future awaited in a `match` scrutinee would stay
+    // part of this task's state through the whole transfer in the arm.
+    let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream).await;
+    let transfer = match header_sent {
         Ok(()) => {
-            let cut = tracked.cut();
+            // Pinned here and lent down: a future passed by value is stored again by every
+            // async fn it passes through, for the connection's whole life.
+            let cut = std::pin::pin!(tracked.cut());
             transfer(&service, &config, &client, &connected, cut).await
         }
         Err(e) => {
@@ -165,7 +170,13 @@ async fn introduce(
             .iter()
             .any(|net| net.contains(&canonical_ip(peer.ip())));
     let header = if trusted {
-        proxy_protocol::read_header(client, config.accept_proxy_timeout).await
+        // Boxed: the header's buffer and timer are needed for the first bytes only, and
+        // inline they would make every connection's task larger for its whole life.
+        Box::pin(proxy_protocol::read_header(
+            client,
+            config.accept_proxy_timeout,
+        ))
+        .await
     } else {
         Err(proxy_protocol::ReadHeaderError::Untrusted)
     };
@@ -373,4 +384,43 @@ pub(crate) fn set_keepalive(
         .with_interval(every)
         .with_retries(crate::config::KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&keepalive)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    /// Every open connection holds its task's future for its whole life, idle or not, so the
+    /// future's size is most of srvlb's memory per connection (`scripts/bench-compare`'s
+    /// idle row). Buffers, pipes, the splice state and the waits of a blocked writer are
+    /// boxed and held only while in use; this fails when a change puts something large back
+    /// inline (an awaited future kept alive across the transfer, a value passed by value
+    /// through several async fns).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        fn size<F: Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let text =
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nstatic = [\"127.0.0.1:2\"]\n";
+        let config = crate::config::Config::parse(text, "t").expect("config");
+        let resolver =
+            Arc::new(crate::discovery::build_resolver(&config.resolver).expect("resolver"));
+        let service = crate::service::Service::start(
+            config.services[0].clone(),
+            resolver,
+            config.resolver.clone(),
+        );
+        let tracker = super::listener::ConnectionTracker::default();
+        let task = super::serve_client(service, client, addr, tracker.track());
+        let bytes = size(&task);
+        println!("connection task: {bytes} bytes");
+        assert!(bytes <= 2048, "a connection's future grew to {bytes} bytes");
+    }
 }
