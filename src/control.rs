@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::access_log;
-use crate::admin::{Admin, AdminState};
+use crate::admin::{Admin, AdminSocket, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
 use crate::discovery::{DiscoveryError, build_resolver};
 use crate::fd_budget::FdBudget;
@@ -41,6 +41,11 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the admin socket at {}: {source}", path.display())]
+    AdminSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start {count} worker threads: {source}")]
     Workers {
         count: usize,
@@ -60,6 +65,7 @@ pub struct Server {
     listeners: HashMap<SocketAddr, Listener>,
     tracker: ConnectionTracker,
     admin: Option<Admin>,
+    admin_socket: Option<AdminSocket>,
     admin_state: Arc<AdminState>,
     /// The descriptor budget in force (see `apply_fd_budget`).
     budget: Option<FdBudget>,
@@ -94,6 +100,7 @@ impl Server {
             listeners: HashMap::new(),
             tracker: ConnectionTracker::default(),
             admin: None,
+            admin_socket: None,
             admin_state,
             budget: None,
             workers,
@@ -166,6 +173,7 @@ impl Server {
             ),
             _ => None,
         };
+        let admin_socket = self.bind_admin_socket(&next)?;
         // Only the servers and the timeout are part of the resolver. The refresh settings
         // (min_refresh, max_refresh, empty_hold) go to the running discovery tasks below:
         // restarting discovery for them would throw away every pool's state.
@@ -279,6 +287,8 @@ impl Server {
                 old.close();
             }
         }
+        self.swap_admin_socket(admin_socket, &next);
+        self.admin_state.set_token(next.global.admin_token.clone());
         self.admin_state
             .set_services(self.services.values().cloned().collect());
         self.admin_state.set_listeners(
@@ -299,11 +309,42 @@ impl Server {
         Ok(())
     }
 
+    /// The admin unix socket `next` asks for, bound now when its path is new (fallible step).
+    fn bind_admin_socket(&self, next: &Config) -> Result<Option<AdminSocket>, ControlError> {
+        match &next.global.admin_socket {
+            Some(path) if self.admin_socket.as_ref().map(|a| a.path()) != Some(path.as_path()) => {
+                AdminSocket::bind(path, Arc::clone(&self.admin_state))
+                    .map(Some)
+                    .map_err(|source| ControlError::AdminSocket {
+                        path: path.clone(),
+                        source,
+                    })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Puts a newly bound admin socket in place of the old one, or closes the old one when
+    /// `next` has none.
+    fn swap_admin_socket(&mut self, fresh: Option<AdminSocket>, next: &Config) {
+        if let Some(socket) = fresh {
+            info!(admin_socket = %socket.path().display(), "admin endpoint listening");
+            if let Some(old) = self.admin_socket.replace(socket) {
+                old.close();
+            }
+        } else if next.global.admin_socket.is_none() {
+            if let Some(old) = self.admin_socket.take() {
+                old.close();
+            }
+        }
+    }
+
     /// Derives the process-wide connection cap from RLIMIT_NOFILE as it is now (a reload
     /// picks up a limit changed with prlimit) and the listeners open, and puts it in force.
     fn apply_fd_budget(&mut self, next: &Config) {
         let sockets = next.services.iter().map(|s| s.listen.len()).sum::<usize>()
-            + usize::from(next.global.admin.is_some());
+            + usize::from(next.global.admin.is_some())
+            + usize::from(next.global.admin_socket.is_some());
         let budget = FdBudget::current(sockets);
         if self.budget == Some(budget) {
             return;
@@ -373,6 +414,9 @@ impl Server {
         }
         if let Some(admin) = self.admin.take() {
             admin.close();
+        }
+        if let Some(socket) = self.admin_socket.take() {
+            socket.close();
         }
     }
 

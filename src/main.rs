@@ -79,7 +79,8 @@ fn process_plan(config: &Config) -> String {
         .iter()
         .map(|s| s.listen.len())
         .sum::<usize>()
-        + usize::from(config.global.admin.is_some());
+        + usize::from(config.global.admin.is_some())
+        + usize::from(config.global.admin_socket.is_some());
     let budget = FdBudget::current(sockets);
     let max_connections = config
         .services

@@ -55,6 +55,8 @@ fn defaults_are_applied() {
         config.global,
         GlobalConfig {
             admin: None,
+            admin_socket: None,
+            admin_token: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
             access_log: None,
@@ -799,4 +801,55 @@ fn load_reads_the_file_and_names_it_in_errors() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn admin_socket_and_token_file_are_read_and_checked() {
+    let dir = std::env::temp_dir().join(format!("srvlb-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("admin.token");
+    std::fs::write(&token, "abc-123\r\n").unwrap();
+    let config = ok(&format!(
+        "[global]\nadmin_socket = \"/run/srvlb/admin.sock\"\nadmin_token_file = \"{}\"\n{SERVICE}",
+        token.display()
+    ));
+    assert_eq!(
+        config.global.admin_socket,
+        Some(PathBuf::from("/run/srvlb/admin.sock"))
+    );
+    let parsed = config.global.admin_token.expect("token");
+    assert!(
+        parsed.accepts(b"abc-123"),
+        "the line ending is not part of it"
+    );
+    assert_eq!(parsed.path(), token.as_path());
+
+    let long = format!("/{}", "s".repeat(107));
+    let e = err(&format!("[global]\nadmin_socket = \"{long}\"\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:16: global.admin_socket: the path is 108 bytes long"),
+        "{e}"
+    );
+    let e = err(&format!("[global]\nadmin_socket = \"\"\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:16: global.admin_socket: empty path"),
+        "{e}"
+    );
+
+    std::fs::write(&token, "two words\n").unwrap();
+    let e = err(&format!(
+        "[global]\nadmin_token_file = \"{}\"\n{SERVICE}",
+        token.display()
+    ));
+    assert!(
+        e.starts_with("t.toml:2:20: global.admin_token_file: "),
+        "{e}"
+    );
+    assert!(e.contains("one line of visible ASCII"), "{e}");
+    let e = err(&format!(
+        "[global]\nadmin_token_file = \"{}\"\n{SERVICE}",
+        dir.join("none").display()
+    ));
+    assert!(e.contains("global.admin_token_file: cannot read"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

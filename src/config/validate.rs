@@ -12,6 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use super::admin;
 use super::error::{Problem, line_column};
 use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text, TextList};
 use super::values::{
@@ -147,6 +148,16 @@ fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Proble
         Some(text) => Some(PathBuf::from(text.get_ref())),
         None => None,
     };
+    let admin_socket = raw
+        .admin_socket
+        .as_ref()
+        .map(admin::socket_path)
+        .transpose()?;
+    let admin_token = raw
+        .admin_token_file
+        .as_ref()
+        .map(admin::token_file)
+        .transpose()?;
     let access_log_format = match &raw.access_log_format {
         Some(value) => word(
             value,
@@ -158,6 +169,8 @@ fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Proble
     };
     let config = GlobalConfig {
         admin,
+        admin_socket,
+        admin_token,
         log_format,
         shutdown_grace,
         access_log,

@@ -123,6 +123,11 @@ pub fn serve_client(
             }
         };
         judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
+        service.stats.histograms.observe_connection(
+            started.elapsed(),
+            transfer.client_to_backend,
+            transfer.backend_to_client,
+        );
         let reason = transfer.end.label();
         access(
             &service,
