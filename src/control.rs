@@ -14,13 +14,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::access_log;
-use crate::admin::{Admin, AdminState};
+use crate::admin::{Admin, AdminSocket, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
 use crate::discovery::{DiscoveryError, Resolver};
 use crate::fd_budget::FdBudget;
 use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::{ConnectionLimit, Service};
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -39,6 +40,16 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the admin socket at {}: {source}", path.display())]
+    AdminSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {count} worker threads: {source}")]
+    Workers {
+        count: usize,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
@@ -53,9 +64,13 @@ pub struct Server {
     listeners: HashMap<SocketAddr, Listener>,
     tracker: ConnectionTracker,
     admin: Option<Admin>,
+    admin_socket: Option<AdminSocket>,
     admin_state: Arc<AdminState>,
     /// The descriptor budget in force (see `apply_fd_budget`).
     budget: Option<FdBudget>,
+    /// The data-path threads every listener accepts on. Declared last: dropped after the
+    /// listeners, it stops the threads once nothing accepts on them any more.
+    workers: Workers,
 }
 
 impl Server {
@@ -68,6 +83,12 @@ impl Server {
             config.global.access_log_format,
         )?;
         let admin_state = Arc::new(AdminState::default());
+        let count = config.global.worker_count();
+        let workers = Workers::start(count).map_err(|source| ControlError::Workers {
+            count: count.get(),
+            source,
+        })?;
+        info!(workers = count.get(), "data-path workers started");
         let mut server = Server {
             config: Config {
                 services: Vec::new(),
@@ -78,8 +99,10 @@ impl Server {
             listeners: HashMap::new(),
             tracker: ConnectionTracker::default(),
             admin: None,
+            admin_socket: None,
             admin_state,
             budget: None,
+            workers,
         };
         server.apply(config).await?;
         Ok(server)
@@ -130,7 +153,7 @@ impl Server {
                     continue;
                 }
                 let bind = |addr: SocketAddr| {
-                    let bound = Bound::bind(addr)?;
+                    let bound = Bound::bind(addr, &self.workers)?;
                     bound.set_keepalive(service.tcp_keepalive)?;
                     Ok(bound)
                 };
@@ -149,6 +172,7 @@ impl Server {
             ),
             _ => None,
         };
+        let admin_socket = self.bind_admin_socket(&next)?;
         let new_resolver = self.changed_resolver(&next)?;
         let resolver_changed = new_resolver.is_some();
         // The last fallible step: a new access log path that cannot be opened refuses the
@@ -201,6 +225,8 @@ impl Server {
         }
         self.retire_replaced(services);
         self.swap_admin(admin, &next);
+        self.swap_admin_socket(admin_socket, &next);
+        self.admin_state.set_token(next.global.admin_token.clone());
         self.admin_state
             .set_services(self.services.values().cloned().collect());
         self.admin_state.set_listeners(
@@ -209,6 +235,14 @@ impl Server {
                 .map(|l| Arc::clone(l.status()))
                 .collect(),
         );
+        let asked = next.global.worker_count().get();
+        if asked != self.workers.count() {
+            warn!(
+                workers = self.workers.count(),
+                configured = asked,
+                "global.workers is read at start: the running workers stay until a restart"
+            );
+        }
         self.config = next;
         Ok(())
     }
@@ -302,11 +336,42 @@ impl Server {
         }
     }
 
+    /// The admin unix socket `next` asks for, bound now when its path is new (fallible step).
+    fn bind_admin_socket(&self, next: &Config) -> Result<Option<AdminSocket>, ControlError> {
+        match &next.global.admin_socket {
+            Some(path) if self.admin_socket.as_ref().map(|a| a.path()) != Some(path.as_path()) => {
+                AdminSocket::bind(path, Arc::clone(&self.admin_state))
+                    .map(Some)
+                    .map_err(|source| ControlError::AdminSocket {
+                        path: path.clone(),
+                        source,
+                    })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Puts a newly bound admin socket in place of the old one, or closes the old one when
+    /// `next` has none.
+    fn swap_admin_socket(&mut self, fresh: Option<AdminSocket>, next: &Config) {
+        if let Some(socket) = fresh {
+            info!(admin_socket = %socket.path().display(), "admin endpoint listening");
+            if let Some(old) = self.admin_socket.replace(socket) {
+                old.close();
+            }
+        } else if next.global.admin_socket.is_none() {
+            if let Some(old) = self.admin_socket.take() {
+                old.close();
+            }
+        }
+    }
+
     /// Derives the process-wide connection cap from RLIMIT_NOFILE as it is now (a reload
     /// picks up a limit changed with prlimit) and the listeners open, and puts it in force.
     fn apply_fd_budget(&mut self, next: &Config) {
         let sockets = next.services.iter().map(|s| s.listen.len()).sum::<usize>()
-            + usize::from(next.global.admin.is_some());
+            + usize::from(next.global.admin.is_some())
+            + usize::from(next.global.admin_socket.is_some());
         let budget = FdBudget::current(sockets);
         if self.budget == Some(budget) {
             return;
@@ -376,6 +441,9 @@ impl Server {
         }
         if let Some(admin) = self.admin.take() {
             admin.close();
+        }
+        if let Some(socket) = self.admin_socket.take() {
+            socket.close();
         }
     }
 

@@ -20,3 +20,4 @@ pub mod pool;
 pub mod proxy;
 pub mod service;
 pub mod source_limits;
+pub mod workers;

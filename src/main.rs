@@ -79,7 +79,8 @@ fn process_plan(config: &Config) -> String {
         .iter()
         .map(|s| s.listen.len())
         .sum::<usize>()
-        + usize::from(config.global.admin.is_some());
+        + usize::from(config.global.admin.is_some())
+        + usize::from(config.global.admin_socket.is_some());
     let budget = FdBudget::current(sockets);
     let max_connections = config
         .services
@@ -153,7 +154,9 @@ async fn print_resolution(config: &Config) -> bool {
 
 fn run(path: PathBuf, config: Config) -> ExitCode {
     init_logging(config.global.log_format);
-    let runtime = match runtime(&mut tokio::runtime::Builder::new_multi_thread()) {
+    // The control runtime: signals, discovery, the admin endpoint. Connections run on the
+    // worker threads `control` starts (see `srvlb::workers`), each a runtime of its own.
+    let runtime = match runtime(&mut tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };

@@ -11,6 +11,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::admin::ConnectionHistograms;
 use crate::balance::Selection;
 use crate::config::{ResolverConfig, ServiceConfig};
 use crate::discovery::{self, DiscoveryStatus, Resolver};
@@ -36,6 +37,8 @@ pub struct ServiceStats {
     pub source_connection_limited: AtomicU64,
     /// Closed because their source exceeded `rate_per_source`.
     pub source_rate_limited: AtomicU64,
+    /// Connect time, duration and bytes of the connections that reached a backend.
+    pub histograms: ConnectionHistograms,
 }
 
 #[derive(Debug)]

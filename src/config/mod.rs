@@ -1,8 +1,10 @@
 //! Configuration: the TOML schema, its defaults, and validation whose errors name file, line,
 //! column and key. It owns turning text into a checked [`Config`] and printing the plan; it
-//! must not do I/O beyond reading the file, and never resolves names (SRV names and
-//! nameservers are only checked for shape; discovery does the lookups).
+//! must not do I/O beyond reading the file (and the admin token file it names), and never
+//! resolves names (SRV names and nameservers are only checked for shape; discovery does the
+//! lookups).
 
+mod admin;
 mod duration;
 mod error;
 mod plan;
@@ -14,9 +16,11 @@ mod values;
 mod tests;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use admin::AdminToken;
 pub use error::ConfigError;
 
 /// A validated configuration; every default is already filled in.
@@ -34,12 +38,30 @@ pub struct Config {
 pub struct GlobalConfig {
     /// Metrics and status endpoint; `None` means no admin listener.
     pub admin: Option<SocketAddr>,
+    /// The admin endpoint on a unix socket as well (or instead); `None`: no socket.
+    pub admin_socket: Option<PathBuf>,
+    /// Read from `admin_token_file` when the configuration is loaded; when set, every admin
+    /// request but `/healthz` must carry it as a bearer token.
+    pub admin_token: Option<AdminToken>,
     pub log_format: LogFormat,
     /// How long `SIGTERM` waits for connections to finish before closing them.
     pub shutdown_grace: Duration,
     /// File that gets one line per client connection; `None`: no access log.
     pub access_log: Option<PathBuf>,
     pub access_log_format: LogFormat,
+    /// Data-path worker threads; `None` for `"auto"` (one per CPU). Read at start only.
+    pub workers: Option<NonZeroUsize>,
+}
+
+impl GlobalConfig {
+    /// The most worker threads `workers` may ask for.
+    pub const MAX_WORKERS: i64 = 1024;
+
+    /// The number of worker threads this configuration runs with on this machine.
+    pub fn worker_count(&self) -> NonZeroUsize {
+        self.workers
+            .unwrap_or_else(crate::workers::Workers::auto_count)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

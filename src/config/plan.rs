@@ -29,6 +29,7 @@ pub(crate) fn render(config: &Config) -> String {
         .admin
         .map_or_else(|| "none".to_string(), |a| format!("{a} (metrics, status)"));
     row(&mut out, "admin", &[admin]);
+    render_admin(&mut out, config);
     let log_format = match config.global.log_format {
         LogFormat::Text => "text",
         LogFormat::Json => "json",
@@ -50,6 +51,14 @@ pub(crate) fn render(config: &Config) -> String {
         }
     };
     row(&mut out, "access log", &[access_log]);
+    let workers = match config.global.workers {
+        Some(n) => format!("{n} (read at start; a reload keeps the running count)"),
+        None => format!(
+            "auto: {} on this machine, one per CPU (read at start)",
+            config.global.worker_count()
+        ),
+    };
+    row(&mut out, "workers", &[workers]);
 
     let resolver = &config.resolver;
     line(&mut out, "\nresolver");
@@ -196,6 +205,38 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
             format!("at most {}% of a tier ejected", h.max_ejected_percent),
         ],
     );
+}
+
+/// The admin endpoint's unix socket and authentication.
+fn render_admin(out: &mut String, config: &Config) {
+    let global = &config.global;
+    let socket = global.admin_socket.as_ref().map_or_else(
+        || "none".to_string(),
+        |path| {
+            format!(
+                "{} (mode {:04o}; a stale socket file is replaced, removed on exit)",
+                path.display(),
+                crate::admin::SOCKET_MODE
+            )
+        },
+    );
+    row(out, "admin socket", &[socket]);
+    let auth = match &global.admin_token {
+        None => "none (anyone who can connect may read /metrics and /status)".to_string(),
+        Some(token) => {
+            let unused = if global.admin.is_none() && global.admin_socket.is_none() {
+                " (unused: no admin endpoint)"
+            } else {
+                ""
+            };
+            format!(
+                "bearer token from {} ({} bytes) for /metrics and /status; /healthz open{unused}",
+                token.path().display(),
+                token.len()
+            )
+        }
+    };
+    row(out, "admin auth", &[auth]);
 }
 
 fn nameservers(config: &Config) -> String {

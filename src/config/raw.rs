@@ -26,10 +26,13 @@ pub(crate) struct RawFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawGlobal {
     pub admin: Option<Text>,
+    pub admin_socket: Option<Text>,
+    pub admin_token_file: Option<Text>,
     pub log_format: Option<Spanned<Scalar>>,
     pub shutdown_grace: Option<Spanned<Scalar>>,
     pub access_log: Option<Text>,
     pub access_log_format: Option<Spanned<Scalar>>,
+    pub workers: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -55,10 +55,13 @@ fn defaults_are_applied() {
         config.global,
         GlobalConfig {
             admin: None,
+            admin_socket: None,
+            admin_token: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
             access_log: None,
             access_log_format: LogFormat::Text,
+            workers: None,
         }
     );
     assert_eq!(
@@ -103,6 +106,20 @@ fn defaults_are_applied() {
 }
 
 #[test]
+fn workers_is_auto_or_a_count_in_range() {
+    let auto = ok(&format!("[global]\nworkers = \"auto\"\n{SERVICE}"));
+    assert_eq!(auto.global.workers, None);
+    assert!(auto.global.worker_count().get() >= 1);
+    for bad in ["0", "1025", "-1", "\"many\"", "2.5"] {
+        let e = err(&format!("[global]\nworkers = {bad}\n{SERVICE}"));
+        assert!(
+            e.starts_with("t.toml:2:11: global.workers: expected \"auto\" or a number of threads from 1 to 1024"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn every_key_is_read() {
     let config = ok(r#"
 [global]
@@ -111,6 +128,7 @@ log_format = "json"
 shutdown_grace = "0s"
 access_log = "/var/log/srvlb/access.log"
 access_log_format = "json"
+workers = 3
 [resolver]
 nameservers = ["10.0.0.53", "127.0.0.1:8600", "[::1]:5353", "::2", "[::3]"]
 timeout = "500ms"
@@ -147,6 +165,7 @@ max_ejected_percent = 100
         Some(Path::new("/var/log/srvlb/access.log"))
     );
     assert_eq!(config.global.access_log_format, LogFormat::Json);
+    assert_eq!(config.global.workers.map(|n| n.get()), Some(3));
     let ns: Vec<SocketAddr> = [
         "10.0.0.53:53",
         "127.0.0.1:8600",
@@ -782,4 +801,55 @@ fn load_reads_the_file_and_names_it_in_errors() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn admin_socket_and_token_file_are_read_and_checked() {
+    let dir = std::env::temp_dir().join(format!("srvlb-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("admin.token");
+    std::fs::write(&token, "abc-123\r\n").unwrap();
+    let config = ok(&format!(
+        "[global]\nadmin_socket = \"/run/srvlb/admin.sock\"\nadmin_token_file = \"{}\"\n{SERVICE}",
+        token.display()
+    ));
+    assert_eq!(
+        config.global.admin_socket,
+        Some(PathBuf::from("/run/srvlb/admin.sock"))
+    );
+    let parsed = config.global.admin_token.expect("token");
+    assert!(
+        parsed.accepts(b"abc-123"),
+        "the line ending is not part of it"
+    );
+    assert_eq!(parsed.path(), token.as_path());
+
+    let long = format!("/{}", "s".repeat(107));
+    let e = err(&format!("[global]\nadmin_socket = \"{long}\"\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:16: global.admin_socket: the path is 108 bytes long"),
+        "{e}"
+    );
+    let e = err(&format!("[global]\nadmin_socket = \"\"\n{SERVICE}"));
+    assert!(
+        e.starts_with("t.toml:2:16: global.admin_socket: empty path"),
+        "{e}"
+    );
+
+    std::fs::write(&token, "two words\n").unwrap();
+    let e = err(&format!(
+        "[global]\nadmin_token_file = \"{}\"\n{SERVICE}",
+        token.display()
+    ));
+    assert!(
+        e.starts_with("t.toml:2:20: global.admin_token_file: "),
+        "{e}"
+    );
+    assert!(e.contains("one line of visible ASCII"), "{e}");
+    let e = err(&format!(
+        "[global]\nadmin_token_file = \"{}\"\n{SERVICE}",
+        dir.join("none").display()
+    ));
+    assert!(e.contains("global.admin_token_file: cannot read"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

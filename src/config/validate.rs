@@ -3,6 +3,7 @@
 //! with the span of the value (or table) at fault.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use super::admin;
 use super::error::{Problem, line_column};
 use super::raw::{RawFile, RawGlobal, RawHealth, RawResolver, RawService, Scalar, Text, TextList};
 use super::values::{
@@ -146,6 +148,16 @@ fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Proble
         Some(text) => Some(PathBuf::from(text.get_ref())),
         None => None,
     };
+    let admin_socket = raw
+        .admin_socket
+        .as_ref()
+        .map(admin::socket_path)
+        .transpose()?;
+    let admin_token = raw
+        .admin_token_file
+        .as_ref()
+        .map(admin::token_file)
+        .transpose()?;
     let access_log_format = match &raw.access_log_format {
         Some(value) => word(
             value,
@@ -157,12 +169,36 @@ fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize>>), Proble
     };
     let config = GlobalConfig {
         admin,
+        admin_socket,
+        admin_token,
         log_format,
         shutdown_grace,
         access_log,
         access_log_format,
+        workers: workers(raw.workers.as_ref())?,
     };
     Ok((config, raw.admin.map(|a| a.span())))
+}
+
+/// `global.workers`: `"auto"` (the default: one per CPU) or a count from 1 to
+/// `GlobalConfig::MAX_WORKERS`.
+fn workers(value: Option<&Spanned<Scalar>>) -> Result<Option<NonZeroUsize>, Problem> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let max = GlobalConfig::MAX_WORKERS;
+    match value.get_ref() {
+        Scalar::Text(text) if text == "auto" => Ok(None),
+        Scalar::Integer(n) if (1..=max).contains(n) => {
+            Ok(usize::try_from(*n).ok().and_then(NonZeroUsize::new))
+        }
+        other => Err(Problem::at(
+            value.span(),
+            format!(
+                "global.workers: expected \"auto\" or a number of threads from 1 to {max}, not {other}"
+            ),
+        )),
+    }
 }
 
 fn resolver(raw: RawResolver) -> Result<ResolverConfig, Problem> {

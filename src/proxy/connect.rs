@@ -96,9 +96,14 @@ pub(super) async fn connect_any(
         if attempts > 1 {
             service.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
+        let connect_started = std::time::Instant::now();
         let e = match connect(backend.addr(), config.connect_timeout).await {
             Ok(stream) => {
                 active.connected();
+                service
+                    .stats
+                    .histograms
+                    .observe_connect(connect_started.elapsed());
                 return Ok(Connected {
                     backend: active,
                     stream,

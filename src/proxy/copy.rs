@@ -139,15 +139,20 @@ impl<'a> Progress<'a> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             done => return done,
         }
-        let woken = tokio::select! {
-            biased;
-            ready = to.writable() => {
-                ready?;
-                true
-            }
-            () = tokio::time::sleep(self.probe_every) => false,
-        };
-        if woken {
+        // Boxed: the wait (a readiness future and a timer, some 250 bytes) is needed only
+        // while the destination is full, and inline it would be part of every connection's
+        // task, idle ones included, twice (one pump each way).
+        Box::pin(self.write_after_wait(to, write)).await
+    }
+
+    /// The second half of [`Progress::write_when_ready`], for a destination that just said
+    /// EAGAIN: waits until it is writable or it is time to probe it, then writes.
+    pub(crate) async fn write_after_wait(
+        &self,
+        to: &TcpStream,
+        mut write: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        if writable_or_probe(to, self.probe_every).await? {
             to.try_io(Interest::WRITABLE, write)
         } else {
             write()
@@ -169,6 +174,15 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// Resolves with true when `to` is writable, with false when `probe_every` passed first.
+async fn writable_or_probe(to: &TcpStream, probe_every: Duration) -> io::Result<bool> {
+    tokio::select! {
+        biased;
+        ready = to.writable() => ready.map(|()| true),
+        () = tokio::time::sleep(probe_every) => Ok(false),
+    }
+}
+
 enum PumpError {
     Read(io::Error),
     Write(io::Error),
@@ -180,109 +194,126 @@ enum PumpError {
 /// timeout, `cut`) while bytes are still pending in either direction, both sides are reset
 /// too, so neither can mistake the cut stream for a complete one; with nothing pending they
 /// get a clean FIN.
-pub async fn proxy_streams(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+pub fn proxy_streams(
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
     cut: impl Future<Output = ()>,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
-) -> Transfer {
-    #[cfg(target_os = "linux")]
-    let pipes = &super::splice::PIPES;
-    #[cfg(not(target_os = "linux"))]
-    let pipes = &PipePool;
-    // Shared by the two pumps and the idle watch, which all run inside this one task, so
-    // Cell would do for the logic; but this future must be Send (it is spawned on the
-    // multi-threaded runtime) and `&Cell` is not, so uncontended relaxed atomics it is.
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
-    let last_activity = AtomicU64::new(now_ms());
-    let up_progress = Progress::new(&last_activity, idle);
-    let down_progress = Progress::new(&last_activity, idle);
-    let c2b = pump(
-        client,
-        backend,
-        &up,
-        &up_progress,
-        Side::Client,
-        on_bytes,
-        pipes,
-    );
-    let b2c = pump(
-        backend,
-        client,
-        &down,
-        &down_progress,
-        Side::Backend,
-        on_bytes,
-        pipes,
-    );
-    tokio::pin!(c2b, b2c);
-    let idle_expired = idle_watch(&last_activity, idle);
-    tokio::pin!(idle_expired, cut);
+) -> impl Future<Output = Transfer> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        #[cfg(target_os = "linux")]
+        let pipes = &super::splice::PIPES;
+        #[cfg(not(target_os = "linux"))]
+        let pipes = &PipePool;
+        // Shared by the two pumps and the idle watch, which all run inside this one task, so
+        // Cell would do for the logic; but this future must be Send (`tokio::spawn` asks for it
+        // even on a worker's single-threaded runtime) and `&Cell` is not, so uncontended relaxed
+        // atomics it is.
+        let up = AtomicU64::new(0);
+        let down = AtomicU64::new(0);
+        let last_activity = AtomicU64::new(now_ms());
+        let up_progress = Progress::new(&last_activity, idle);
+        let down_progress = Progress::new(&last_activity, idle);
+        let c2b = pump(
+            client,
+            backend,
+            &up,
+            &up_progress,
+            Side::Client,
+            on_bytes,
+            pipes,
+        );
+        let b2c = pump(
+            backend,
+            client,
+            &down,
+            &down_progress,
+            Side::Backend,
+            on_bytes,
+            pipes,
+        );
+        tokio::pin!(c2b, b2c);
+        let idle_expired = idle_watch(&last_activity, idle);
+        tokio::pin!(idle_expired, cut);
 
-    let (mut c2b_done, mut b2c_done) = (false, false);
-    let mut first_to_finish: Option<(Side, u64)> = None;
-    let end = loop {
-        tokio::select! {
-            result = &mut c2b, if !c2b_done => match result {
-                Ok(()) => {
-                    c2b_done = true;
-                    first_to_finish.get_or_insert((Side::Client, now_ms()));
+        let (mut c2b_done, mut b2c_done) = (false, false);
+        // A side that sent FIN can still reset later. Its pump is finished, so only a watch for
+        // its error notices; without it a silent other side would keep the connection (and the
+        // backend's slot) until the idle timeout. Boxed and made only once the side's FIN came:
+        // inline, the two watches would be part of every connection's task.
+        let mut client_error = None;
+        let mut backend_error = None;
+        let mut first_to_finish: Option<(Side, u64)> = None;
+        let end = loop {
+            tokio::select! {
+                result = &mut c2b, if !c2b_done => match result {
+                    Ok(()) => {
+                        c2b_done = true;
+                        client_error = Some(Box::pin(peer_error(client)));
+                        first_to_finish.get_or_insert((Side::Client, now_ms()));
+                    }
+                    Err(PumpError::Read(e)) => break fail(Side::Client, e, &mut first_to_finish),
+                    Err(PumpError::Write(e)) => break fail(Side::Backend, e, &mut first_to_finish),
+                },
+                result = &mut b2c, if !b2c_done => match result {
+                    Ok(()) => {
+                        b2c_done = true;
+                        backend_error = Some(Box::pin(peer_error(backend)));
+                        first_to_finish.get_or_insert((Side::Backend, now_ms()));
+                    }
+                    Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
+                    Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
+                },
+                e = poll_some(&mut client_error), if client_error.is_some() => {
+                    break fail(Side::Client, e, &mut first_to_finish)
                 }
-                Err(PumpError::Read(e)) => break fail(Side::Client, e, &mut first_to_finish),
-                Err(PumpError::Write(e)) => break fail(Side::Backend, e, &mut first_to_finish),
-            },
-            result = &mut b2c, if !b2c_done => match result {
-                Ok(()) => {
-                    b2c_done = true;
-                    first_to_finish.get_or_insert((Side::Backend, now_ms()));
+                e = poll_some(&mut backend_error), if backend_error.is_some() => {
+                    break fail(Side::Backend, e, &mut first_to_finish)
                 }
-                Err(PumpError::Read(e)) => break fail(Side::Backend, e, &mut first_to_finish),
-                Err(PumpError::Write(e)) => break fail(Side::Client, e, &mut first_to_finish),
-            },
-            // A side that sent FIN can still reset later. Its pump is finished, so only this
-            // watch notices; without it a silent other side would keep the connection (and
-            // the backend's slot) until the idle timeout.
-            e = peer_error(client), if c2b_done => {
-                break fail(Side::Client, e, &mut first_to_finish)
+                () = &mut idle_expired => break End::IdleTimeout,
+                () = &mut cut => break End::Shutdown,
             }
-            e = peer_error(backend), if b2c_done => {
-                break fail(Side::Backend, e, &mut first_to_finish)
+            if c2b_done && b2c_done {
+                break End::Closed;
             }
-            () = &mut idle_expired => break End::IdleTimeout,
-            () = &mut cut => break End::Shutdown,
+        };
+        // Asked only when srvlb ends the connection itself: after a clean close or a reset the
+        // answer changes nothing, and the two FIONREAD calls would cost every connection.
+        let pending = || {
+            up_progress.is_holding()
+                || down_progress.is_holding()
+                || unread(client)
+                || unread(backend)
+        };
+        // A shutdown cut also resets a stream that is merely caught up: a direction still open
+        // that moved bytes within the last second is mid-transfer (a backend streaming rows a
+        // little slower than the client reads them), and a FIN would pass it off as complete.
+        // Only a connection at rest that long gets a clean close.
+        let in_flight = || {
+            let open = !(c2b_done && b2c_done);
+            open && now_ms().saturating_sub(last_activity.load(Ordering::Relaxed)) < AT_REST_MS
+        };
+        let cut_pending = match end {
+            End::IdleTimeout => pending(),
+            End::Shutdown => pending() || in_flight(),
+            _ => false,
+        };
+        if matches!(end, End::Reset(..)) || cut_pending {
+            reset_on_close(client);
+            reset_on_close(backend);
         }
-        if c2b_done && b2c_done {
-            break End::Closed;
+        Transfer {
+            client_to_backend: up.load(Ordering::Relaxed),
+            backend_to_client: down.load(Ordering::Relaxed),
+            first_to_finish: first_to_finish.map(|(side, _)| side),
+            first_finish_at: first_to_finish.map(|(_, at)| at),
+            end,
+            cut_pending,
         }
-    };
-    let pending =
-        up_progress.is_holding() || down_progress.is_holding() || unread(client) || unread(backend);
-    // A shutdown cut also resets a stream that is merely caught up: a direction still open
-    // that moved bytes within the last second is mid-transfer (a backend streaming rows a
-    // little slower than the client reads them), and a FIN would pass it off as complete.
-    // Only a connection at rest that long gets a clean close.
-    let in_flight = || {
-        let open = !(c2b_done && b2c_done);
-        open && now_ms().saturating_sub(last_activity.load(Ordering::Relaxed)) < AT_REST_MS
-    };
-    let cut_pending = match end {
-        End::IdleTimeout => pending,
-        End::Shutdown => pending || in_flight(),
-        _ => false,
-    };
-    if matches!(end, End::Reset(..)) || cut_pending {
-        reset_on_close(client);
-        reset_on_close(backend);
-    }
-    Transfer {
-        client_to_backend: up.load(Ordering::Relaxed),
-        backend_to_client: down.load(Ordering::Relaxed),
-        first_to_finish: first_to_finish.map(|(side, _)| side),
-        first_finish_at: first_to_finish.map(|(_, at)| at),
-        end,
-        cut_pending,
     }
 }
 
@@ -321,6 +352,14 @@ async fn peer_error(stream: &TcpStream) -> io::Error {
     }
 }
 
+/// Awaits the future in `slot`; never resolves when there is none.
+async fn poll_some<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Makes the kernel send RST instead of FIN when the socket is closed.
 pub fn reset_on_close(stream: &TcpStream) {
     // Failing here only means the peer gets a FIN instead of a RST; nothing to recover.
@@ -347,7 +386,8 @@ enum Mode {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn pump(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+fn pump(
     from: &TcpStream,
     to: &TcpStream,
     counter: &AtomicU64,
@@ -355,86 +395,103 @@ async fn pump(
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
-) -> Result<(), PumpError> {
-    let moved = |n: u64| {
-        counter.fetch_add(n, Ordering::Relaxed);
-        on_bytes(side, n);
-    };
-    // Splice pays for bulk only (HAProxy's splice-auto): a direction starts with the small
-    // buffer and switches to splice when a read fills it; splice hands back once a burst's
-    // reads come in small again. Without splice, the buffer is the bulk size.
-    #[cfg(target_os = "linux")]
-    let mut splice_allowed = splice_enabled();
-    #[cfg(not(target_os = "linux"))]
-    let splice_allowed = false;
-    let mut mode = Mode::Buffer;
-    // Taken when the source is readable and given back when it is drained, so an idle
-    // connection holds no buffer. It is allocated without zeroing (the kernel writes the
-    // bytes we read, and only those are used): an allocation is a cheap free-list take,
-    // while zeroing it was a memset each time the socket drained, which in a
-    // request/response protocol is nearly every request.
-    let mut buffer: Option<Vec<u8>> = None;
-    loop {
+) -> impl Future<Output = Result<(), PumpError>> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        let moved = |n: u64| {
+            counter.fetch_add(n, Ordering::Relaxed);
+            on_bytes(side, n);
+        };
+        // Splice pays for bulk only (HAProxy's splice-auto): a direction starts with the small
+        // buffer and switches to splice when a read fills it; splice hands back once a burst's
+        // reads come in small again. Without splice, the buffer is the bulk size.
         #[cfg(target_os = "linux")]
-        if mode == Mode::Splice {
-            use super::splice::{SpliceEnd, splice_direction};
-            match splice_direction(from, to, pipes, progress, &mut |n| moved(n)).await {
-                SpliceEnd::Eof => return pass_fin(to),
-                SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
-                SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
-                // The burst is over (a read came in small): back to the buffer.
-                SpliceEnd::Small => {}
-                // Refused before any byte moved: copy in user space from now on.
-                SpliceEnd::Unsupported => splice_allowed = false,
-                // Out of descriptors for a pipe, with nothing in flight: the copy needs
-                // none, so the connection keeps working (copying, for the rest of this
-                // direction).
-                SpliceEnd::NoPipe(e) => {
-                    splice_allowed = false;
-                    if let Some(suppressed) = NO_PIPE_LOG.permit() {
-                        tracing::warn!(
-                            error = %e,
-                            suppressed,
-                            "no pipe for splice (out of descriptors?); copying in user space"
-                        );
+        let mut splice_allowed = splice_enabled();
+        #[cfg(not(target_os = "linux"))]
+        let splice_allowed = false;
+        let mut mode = Mode::Buffer;
+        // Taken when the source is readable and given back when it is drained, so an idle
+        // connection holds no buffer. It is allocated without zeroing (the kernel writes the
+        // bytes we read, and only those are used): an allocation is a cheap free-list take,
+        // while zeroing it was a memset each time the socket drained, which in a
+        // request/response protocol is nearly every request.
+        let mut buffer: Option<Vec<u8>> = None;
+        loop {
+            #[cfg(target_os = "linux")]
+            if mode == Mode::Splice {
+                use super::splice::{SpliceEnd, splice_direction};
+                // Boxed, allocated once per burst: inline, the splice state (some 500 bytes)
+                // would be part of every connection's task, idle ones included.
+                let mut count = |n| moved(n);
+                let spliced = Box::pin(splice_direction(from, to, pipes, progress, &mut count));
+                match spliced.await {
+                    SpliceEnd::Eof => return pass_fin(to),
+                    SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
+                    SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
+                    // The burst is over (a read came in small): back to the buffer.
+                    SpliceEnd::Small => {}
+                    // Refused before any byte moved: copy in user space from now on.
+                    SpliceEnd::Unsupported => splice_allowed = false,
+                    // Out of descriptors for a pipe, with nothing in flight: the copy needs
+                    // none, so the connection keeps working (copying, for the rest of this
+                    // direction).
+                    SpliceEnd::NoPipe(e) => {
+                        splice_allowed = false;
+                        if let Some(suppressed) = NO_PIPE_LOG.permit() {
+                            tracing::warn!(
+                                error = %e,
+                                suppressed,
+                                "no pipe for splice (out of descriptors?); copying in user space"
+                            );
+                        }
                     }
                 }
+                mode = Mode::Buffer;
+                continue;
             }
-            mode = Mode::Buffer;
-            continue;
-        }
-        from.readable().await.map_err(PumpError::Read)?;
-        // Small while splice may take over bulk; the bulk size once the copy is all there is
-        // (splice off, refused, or out of pipes).
-        let buffer_size = if splice_allowed {
-            SMALL_BUFFER
-        } else {
-            BULK_BUFFER
-        };
-        let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
-        buf.clear();
-        match read_some(from, buf) {
-            Ok(0) => return pass_fin(to),
-            Ok(n) => {
-                progress.set_holding(true);
-                progress.touch();
-                write_all_progress(to, &buf[..n], Some(progress))
-                    .await
-                    .map_err(PumpError::Write)?;
-                progress.set_holding(false);
-                moved(n as u64);
-                if n < buf.capacity() {
-                    // Drained (see `read_some`): give the buffer back so an idle connection
-                    // holds no memory.
-                    buffer = None;
-                } else if splice_allowed {
-                    buffer = None;
-                    mode = Mode::Splice;
+            // The pump is the one reader of `from`, so the socket's own reader slot holds its
+            // waker: no waiter node in the task (as `readable()` would put there, 150 bytes).
+            std::future::poll_fn(|cx| from.poll_read_ready(cx))
+                .await
+                .map_err(PumpError::Read)?;
+            // Small while splice may take over bulk; the bulk size once the copy is all there is
+            // (splice off, refused, or out of pipes).
+            let buffer_size = if splice_allowed {
+                SMALL_BUFFER
+            } else {
+                BULK_BUFFER
+            };
+            let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
+            buf.clear();
+            match read_some(from, buf) {
+                Ok(0) => return pass_fin(to),
+                Ok(n) => {
+                    progress.set_holding(true);
+                    progress.touch();
+                    // Nearly always the destination takes it all at once; only a full one needs
+                    // the wait, boxed so that it is not part of every connection's task.
+                    let written = write_now(to, &buf[..n], progress).map_err(PumpError::Write)?;
+                    if written < n {
+                        Box::pin(write_rest(to, &buf[written..n], progress))
+                            .await
+                            .map_err(PumpError::Write)?;
+                    }
+                    progress.set_holding(false);
+                    moved(n as u64);
+                    if n < buf.capacity() {
+                        // Drained (see `read_some`): give the buffer back so an idle connection
+                        // holds no memory.
+                        buffer = None;
+                    } else if splice_allowed {
+                        buffer = None;
+                        mode = Mode::Splice;
+                    }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Read(e)),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(PumpError::Read(e)),
         }
     }
 }
@@ -479,37 +536,56 @@ fn splice_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("SRVLB_SPLICE").is_none_or(|v| v != "0"))
 }
 
-/// Writes all of `data` to a stream shared by reference.
-pub async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
-    write_all_progress(to, data, None).await
+/// Writes all of `data` to a stream shared by reference (the PROXY header, tests).
+pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
-/// [`write_all`], telling `progress` about every partial write.
-async fn write_all_progress(
-    to: &TcpStream,
-    mut data: &[u8],
-    progress: Option<&Progress<'_>>,
-) -> io::Result<()> {
+/// Writes as much of `data` as `to` takes now, without waiting; returns how much that was.
+fn write_now(to: &TcpStream, data: &[u8], progress: &Progress<'_>) -> io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        let rest = &data[written..];
+        match to.try_io(Interest::WRITABLE, || SockRef::from(to).send(rest)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                progress.touch();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// The part of a pump's write that [`write_now`] could not hand over (the destination is
+/// full): waits for room or a probe (see [`Progress`]), writes, and goes on until all of
+/// `data` is written, telling `progress` about every partial write.
+async fn write_rest(to: &TcpStream, mut data: &[u8], progress: &Progress<'_>) -> io::Result<()> {
     while !data.is_empty() {
-        let written = match progress {
-            None => {
-                to.writable().await?;
-                to.try_write(data)
-            }
-            // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
-            Some(progress) => {
-                progress
-                    .write_when_ready(to, || SockRef::from(to).send(data))
-                    .await
-            }
-        };
+        // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
+        let written = progress
+            .write_after_wait(to, || SockRef::from(to).send(data))
+            .await;
         match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 data = &data[n..];
-                if let Some(progress) = progress {
-                    progress.touch();
-                }
+                progress.touch();
+                let more = write_now(to, data, progress)?;
+                data = &data[more..];
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -519,17 +595,22 @@ async fn write_all_progress(
     Ok(())
 }
 
-async fn idle_watch(last_activity: &AtomicU64, idle: Duration) {
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let deadline = last_activity
-            .load(Ordering::Relaxed)
-            .saturating_add(idle_ms);
-        let now = now_ms();
-        if now >= deadline {
-            return;
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+fn idle_watch(last_activity: &AtomicU64, idle: Duration) -> impl Future<Output = ()> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let deadline = last_activity
+                .load(Ordering::Relaxed)
+                .saturating_add(idle_ms);
+            let now = now_ms();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(deadline - now)).await;
         }
-        tokio::time::sleep(Duration::from_millis(deadline - now)).await;
     }
 }
 

@@ -7,13 +7,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
@@ -21,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use super::{LogThrottle, serve_client, set_keepalive};
 use crate::health::now_ms;
 use crate::service::{ConnectionLimit, Service};
+use crate::workers::Workers;
 
 /// Kernel accept queue length; the kernel caps it at net.core.somaxconn.
 pub const BACKLOG: i32 = 4096;
@@ -74,7 +77,9 @@ struct TrackerInner {
     open: AtomicUsize,
     idle: Notify,
     /// Set once the shutdown grace has elapsed: every open connection ends now.
-    cut: watch::Sender<bool>,
+    cut: AtomicBool,
+    /// Wakes the connections waiting in `Tracked::cut` when `cut` is set.
+    cut_now: Notify,
 }
 
 impl Default for TrackerInner {
@@ -82,7 +87,8 @@ impl Default for TrackerInner {
         TrackerInner {
             open: AtomicUsize::new(0),
             idle: Notify::new(),
-            cut: watch::Sender::new(false),
+            cut: AtomicBool::new(false),
+            cut_now: Notify::new(),
         }
     }
 }
@@ -93,12 +99,15 @@ pub struct Tracked(Arc<TrackerInner>);
 impl Tracked {
     /// Resolves when the connection must end now (the shutdown grace elapsed).
     pub async fn cut(&self) {
-        let mut cut = self.0.cut.subscribe();
-        // Err only if the sender is gone, which cannot happen while `self` holds it; treat it
-        // as "never".
-        if cut.wait_for(|cut| *cut).await.is_err() {
-            std::future::pending::<()>().await;
+        // A `Notify` waiter rather than a watch subscription: every open connection holds
+        // this future for its whole life, and this one is less than half the size.
+        let notified = self.0.cut_now.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.0.cut.load(Ordering::Acquire) {
+            return;
         }
+        notified.await;
     }
 }
 
@@ -123,7 +132,8 @@ impl ConnectionTracker {
     /// Tells every open connection to end now. Each ends in its own task: with a reset
     /// when bytes were still in flight, else with a clean close.
     pub fn cut_all(&self) {
-        self.inner.cut.send_replace(true);
+        self.inner.cut.store(true, Ordering::Release);
+        self.inner.cut_now.notify_waiters();
     }
 
     /// Sets the process-wide cap on proxied connections. Lowering it below the connections
@@ -180,30 +190,43 @@ impl Pause {
 }
 
 /// What one listener shows /metrics and /status: its address, the service it feeds, whether
-/// its accept loop is waiting and for what, and how often it had to.
+/// its accept loops are waiting and for what, and how often they had to.
 #[derive(Debug)]
 pub struct ListenerStatus {
     pub addr: SocketAddr,
     /// The socket's inode, by which its accept queue is found (`backlog::read`).
     inode: Option<u64>,
     service: Arc<ArcSwap<Service>>,
+    /// One per accept loop (one loop per worker, all on the same socket).
+    loops: Box<[LoopPause]>,
+    /// Pause episodes (as logged) per reason.
+    pauses: [AtomicU64; 3],
+    log: PauseLog,
+}
+
+/// Whether one accept loop is waiting, and since when.
+#[derive(Debug, Default)]
+struct LoopPause {
     /// 0 while accepting (or waiting for a client), else 1 + `Pause::index`.
     paused: AtomicU8,
     /// When the current wait began, on the `now_ms` clock.
-    paused_since_ms: AtomicU64,
-    /// Pause episodes (as logged) per reason.
-    pauses: [AtomicU64; 3],
+    since_ms: AtomicU64,
 }
 
 impl ListenerStatus {
-    fn new(addr: SocketAddr, inode: Option<u64>, service: Arc<ArcSwap<Service>>) -> Self {
+    fn new(
+        addr: SocketAddr,
+        inode: Option<u64>,
+        service: Arc<ArcSwap<Service>>,
+        loops: usize,
+    ) -> Self {
         ListenerStatus {
             addr,
             inode,
             service,
-            paused: AtomicU8::new(0),
-            paused_since_ms: AtomicU64::new(0),
+            loops: (0..loops.max(1)).map(|_| LoopPause::default()).collect(),
             pauses: Default::default(),
+            log: PauseLog::new(),
         }
     }
 
@@ -215,11 +238,19 @@ impl ListenerStatus {
         self.inode
     }
 
-    /// Why the loop is waiting now, and since when (`now_ms` clock); `None` while accepting.
+    /// Why the listener is not accepting now, and since when (`now_ms` clock); `None` while
+    /// any of its loops can take a client (they share one accept queue).
     pub fn paused(&self) -> Option<(Pause, u64)> {
-        let code = self.paused.load(Ordering::Relaxed);
-        let reason = *Pause::ALL.get(usize::from(code).checked_sub(1)?)?;
-        Some((reason, self.paused_since_ms.load(Ordering::Relaxed)))
+        let mut earliest: Option<(Pause, u64)> = None;
+        for state in self.loops.iter() {
+            let code = state.paused.load(Ordering::Relaxed);
+            let reason = *Pause::ALL.get(usize::from(code).checked_sub(1)?)?;
+            let since = state.since_ms.load(Ordering::Relaxed);
+            if earliest.is_none_or(|(_, first)| since < first) {
+                earliest = Some((reason, since));
+            }
+        }
+        earliest
     }
 
     /// Pause episodes for `reason` since the listener started.
@@ -227,13 +258,17 @@ impl ListenerStatus {
         self.pauses[reason.index()].load(Ordering::Relaxed)
     }
 
-    fn set_paused(&self, reason: Option<Pause>) {
+    fn set_paused(&self, accept_loop: usize, reason: Option<Pause>) {
+        let Some(state) = self.loops.get(accept_loop) else {
+            return;
+        };
         if let Some(reason) = reason {
-            self.paused_since_ms.store(now_ms(), Ordering::Relaxed);
-            self.paused
+            state.since_ms.store(now_ms(), Ordering::Relaxed);
+            state
+                .paused
                 .store(reason.index() as u8 + 1, Ordering::Relaxed);
         } else {
-            self.paused.store(0, Ordering::Relaxed);
+            state.paused.store(0, Ordering::Relaxed);
         }
     }
 }
@@ -253,36 +288,47 @@ struct Episode {
 /// Logs each pause of a listener once, when it has lasted `PAUSE_LOG_AFTER`, and once when it
 /// ends. A pause spans the short waits for one permit after another while clients keep
 /// waiting; it ends when there is room again (a permit without waiting) or nobody is left
-/// in the backlog (the listener holds its permits and waits for a client).
+/// in the backlog (a loop holds its permits and waits for a client). Shared by the
+/// listener's accept loops, so a pause they all wait out is one episode; the lock is taken
+/// only while an episode is open, never on the accept path of a listener that is not paused.
 #[derive(Debug)]
 struct PauseLog {
-    episodes: [Option<Episode>; 3],
+    episodes: Mutex<[Option<Episode>; 3]>,
+    open: [AtomicBool; 3],
 }
 
 impl PauseLog {
     fn new() -> PauseLog {
         PauseLog {
-            episodes: [None; 3],
+            episodes: Mutex::new([None; 3]),
+            open: Default::default(),
         }
     }
 
     /// A wait for `reason` begins; returns the episode it belongs to.
-    fn enter(&mut self, reason: Pause) -> Episode {
-        *self.episodes[reason.index()].get_or_insert(Episode {
+    fn enter(&self, reason: Pause) -> Episode {
+        let mut episodes = self.episodes.lock();
+        self.open[reason.index()].store(true, Ordering::Relaxed);
+        *episodes[reason.index()].get_or_insert(Episode {
             since: std::time::Instant::now(),
             logged: false,
         })
     }
 
     /// Logs the pause if it has lasted long enough (or at once with `now`).
-    fn maybe_log(&mut self, status: &ListenerStatus, reason: Pause, now: bool) {
-        let Some(episode) = &mut self.episodes[reason.index()] else {
+    fn maybe_log(&self, status: &ListenerStatus, reason: Pause, now: bool) {
+        if !self.open[reason.index()].load(Ordering::Relaxed) {
+            return;
+        }
+        let mut episodes = self.episodes.lock();
+        let Some(episode) = &mut episodes[reason.index()] else {
             return;
         };
         if episode.logged || (!now && episode.since.elapsed() < PAUSE_LOG_AFTER) {
             return;
         }
         episode.logged = true;
+        drop(episodes);
         status.pauses[reason.index()].fetch_add(1, Ordering::Relaxed);
         warn!(
             listener = %status.addr,
@@ -292,11 +338,16 @@ impl PauseLog {
         );
     }
 
-    fn leave(&mut self, status: &ListenerStatus, reason: Pause) {
-        let Some(episode) = self.episodes[reason.index()].take() else {
+    fn leave(&self, status: &ListenerStatus, reason: Pause) {
+        if !self.open[reason.index()].load(Ordering::Relaxed) {
             return;
+        }
+        let episode = {
+            let mut episodes = self.episodes.lock();
+            self.open[reason.index()].store(false, Ordering::Relaxed);
+            episodes[reason.index()].take()
         };
-        if episode.logged {
+        if let Some(episode) = episode.filter(|e| e.logged) {
             info!(
                 listener = %status.addr,
                 service = %status.service_name(),
@@ -308,8 +359,8 @@ impl PauseLog {
     }
 }
 
-/// A running accept loop. The service it feeds can be swapped on reload without touching
-/// the socket.
+/// A running listener: one socket and an accept loop on every worker. The service it feeds
+/// can be swapped on reload without touching the socket.
 #[derive(Debug)]
 pub struct Listener {
     pub addr: SocketAddr,
@@ -320,60 +371,87 @@ pub struct Listener {
     /// over with the new service's.
     swapped: watch::Sender<()>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<usize>>,
 }
 
-/// A socket bound and registered with the runtime but not yet accepting. Everything that can
-/// fail happens before this exists, so a reload can bind all its new addresses first and then
-/// start them without a step that could fail half-way.
+/// A socket bound and registered with every worker's runtime but not yet accepting.
+/// Everything that can fail happens before this exists, so a reload can bind all its new
+/// addresses first and then start them without a step that could fail half-way.
 #[derive(Debug)]
 pub struct Bound {
     pub addr: SocketAddr,
-    listener: TcpListener,
+    /// The same socket once per worker (duplicated descriptors), each registered with that
+    /// worker's reactor, with the worker's handle to run its accept loop on.
+    loops: Vec<(TcpListener, Handle)>,
 }
 
 impl Bound {
-    /// Binds `addr` (see [`bind`]). Must run inside the tokio runtime.
-    pub fn bind(addr: SocketAddr) -> io::Result<Bound> {
+    /// Binds `addr` (see [`bind`]) and registers the socket with each worker.
+    pub fn bind(addr: SocketAddr, workers: &Workers) -> io::Result<Bound> {
         let socket = bind(addr)?;
         let addr = socket.local_addr()?;
-        let listener = TcpListener::from_std(socket)?;
-        Ok(Bound { addr, listener })
+        let mut loops = Vec::with_capacity(workers.count());
+        for handle in workers.handles() {
+            let copy = socket.try_clone()?;
+            // Registers the descriptor with this worker's reactor, not the caller's.
+            let _in_worker = handle.enter();
+            loops.push((TcpListener::from_std(copy)?, handle.clone()));
+        }
+        Ok(Bound { addr, loops })
     }
-}
 
-impl Bound {
     /// Sets the keepalive that accepted sockets inherit, before the listener starts: the
     /// kernel completes handshakes from the backlog while a new service waits for its first
     /// DNS answer, and those sockets copy the listener's options at that moment.
     pub fn set_keepalive(&self, every: Option<Duration>) -> io::Result<()> {
-        set_keepalive((&self.listener).into(), every)
+        match self.loops.first() {
+            Some((listener, _)) => set_keepalive(listener.into(), every),
+            None => Ok(()),
+        }
     }
 }
 
 impl Listener {
-    /// Starts accepting on a bound socket. Must run inside the tokio runtime.
+    /// Starts an accept loop on every worker the socket was bound for.
     pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {
         let slot = Arc::new(ArcSwap::new(service));
-        let inode = super::backlog::socket_inode(&bound.listener);
-        let status = Arc::new(ListenerStatus::new(bound.addr, inode, Arc::clone(&slot)));
+        let inode = bound
+            .loops
+            .first()
+            .and_then(|(listener, _)| super::backlog::socket_inode(listener));
+        let status = Arc::new(ListenerStatus::new(
+            bound.addr,
+            inode,
+            Arc::clone(&slot),
+            bound.loops.len(),
+        ));
         let (stop, stop_rx) = watch::channel(false);
         let (swapped, swapped_rx) = watch::channel(());
-        let task = tokio::spawn(accept_loop(
-            bound.listener,
-            Arc::clone(&slot),
-            tracker,
-            Arc::clone(&status),
-            swapped_rx,
-            stop_rx,
-        ));
+        let tasks = bound
+            .loops
+            .into_iter()
+            .enumerate()
+            .map(|(index, (listener, worker))| {
+                worker.spawn(accept_loop(
+                    AcceptLoop {
+                        index,
+                        listener,
+                        slot: Arc::clone(&slot),
+                        tracker: tracker.clone(),
+                        status: Arc::clone(&status),
+                    },
+                    swapped_rx.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
         Listener {
             addr: bound.addr,
             service: slot,
             status,
             swapped,
             stop,
-            task,
+            tasks,
         }
     }
 
@@ -387,7 +465,7 @@ impl Listener {
     }
 
     pub fn set_service(&self, service: Arc<Service>) {
-        // A reload that keeps the service must not make the loop give up its permit and
+        // A reload that keeps the service must not make the loops give up their permits and
         // queue again behind everyone else.
         if Arc::ptr_eq(&self.service.load(), &service) {
             return;
@@ -397,10 +475,15 @@ impl Listener {
         self.swapped.send_replace(());
     }
 
-    /// Stops accepting and closes the socket; open connections are not touched.
+    /// Stops accepting and closes the socket (once every loop has let go of it); open
+    /// connections are not touched.
     pub async fn close(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let mut drained = 0;
+        for task in self.tasks {
+            drained += task.await.unwrap_or(0);
+        }
+        info!(listener = %self.addr, drained, "listener closed");
     }
 }
 
@@ -420,15 +503,16 @@ async fn take_permit(
     limit: &Arc<Semaphore>,
     reason: Pause,
     status: &ListenerStatus,
-    pauses: &mut PauseLog,
+    accept_loop: usize,
     swapped: &mut watch::Receiver<()>,
     stop: &mut watch::Receiver<bool>,
 ) -> Step<OwnedSemaphorePermit> {
+    let pauses = &status.log;
     if let Ok(permit) = Arc::clone(limit).try_acquire_owned() {
         pauses.leave(status, reason);
         return Step::Got(permit);
     }
-    status.set_paused(Some(reason));
+    status.set_paused(accept_loop, Some(reason));
     let episode = pauses.enter(reason);
     let log_at = tokio::time::Instant::from_std(episode.since + PAUSE_LOG_AFTER);
     let mut logged = episode.logged;
@@ -449,7 +533,7 @@ async fn take_permit(
             }
         }
     };
-    status.set_paused(None);
+    status.set_paused(accept_loop, None);
     pauses.maybe_log(status, reason, false);
     if matches!(step, Step::Got(_)) && limit.available_permits() > 0 {
         pauses.leave(status, reason);
@@ -457,129 +541,164 @@ async fn take_permit(
     step
 }
 
-async fn accept_loop(
+/// One worker's accept loop on a listener's socket.
+struct AcceptLoop {
+    /// Which of the listener's loops this is (its worker's index).
+    index: usize,
     listener: TcpListener,
     slot: Arc<ArcSwap<Service>>,
     tracker: ConnectionTracker,
     status: Arc<ListenerStatus>,
+}
+
+/// Runs one accept loop until the listener closes; returns how many clients it took from
+/// the backlog on the way out.
+async fn accept_loop(
+    this: AcceptLoop,
     mut swapped: watch::Receiver<()>,
     mut stop: watch::Receiver<bool>,
-) {
-    let addr = listener.local_addr().ok();
+) -> usize {
     let mut backoff = AcceptBackoff::default();
     let mut keepalive_set = None;
-    let mut pauses = PauseLog::new();
-    let cap = Arc::clone(tracker.cap());
     loop {
         // Marked seen before the load, so a swap after the load is never missed.
         swapped.borrow_and_update();
-        let service = slot.load_full();
+        let service = this.slot.load_full();
         // Accepted sockets inherit the listener's keepalive; a reload may change it.
         let keepalive = service.config().tcp_keepalive;
         if keepalive_set != Some(keepalive) {
-            if let Err(e) = set_keepalive((&listener).into(), keepalive) {
-                warn!(listener = ?addr, error = %e, "cannot set TCP keepalive on the listener");
-            }
+            this.set_keepalive(keepalive);
             keepalive_set = Some(keepalive);
         }
-        // On a swap, start over: the permit must come from the limit of the service that
-        // will serve the connection (when the name stays, that is the same, resized, limit).
-        let limit = Arc::clone(service.connection_permits());
-        let permit = match take_permit(
-            &limit,
-            Pause::MaxConnections,
-            &status,
-            &mut pauses,
-            &mut swapped,
-            &mut stop,
-        )
-        .await
-        {
-            Step::Got(permit) => permit,
+        let permits = match this.take_permits(&service, &mut swapped, &mut stop).await {
+            Step::Got(permits) => permits,
             Step::Restart => continue,
             Step::Stop => break,
         };
-        // The process-wide cap second: a service at its own limit does not hold a
-        // descriptor permit other services could use.
-        let fd_permit = match take_permit(
-            &cap,
-            Pause::FdCap,
-            &status,
-            &mut pauses,
-            &mut swapped,
-            &mut stop,
-        )
-        .await
-        {
-            Step::Got(permit) => permit,
+        let accepted = match this.accept(&mut swapped, &mut stop).await {
+            Step::Got(accepted) => accepted,
             Step::Restart => continue,
             Step::Stop => break,
-        };
-        // A client already waiting is taken at once. Otherwise nobody is left in the
-        // backlog, and a pause for a limit is over.
-        let immediate = {
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            listener.poll_accept(&mut cx)
-        };
-        let accepted = match immediate {
-            Poll::Ready(accepted) => accepted,
-            Poll::Pending => {
-                pauses.leave(&status, Pause::MaxConnections);
-                pauses.leave(&status, Pause::FdCap);
-                tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    changed = swapped.changed() => match changed {
-                        Ok(()) => continue, // accept is cancel-safe: nothing is lost
-                        Err(_) => break,
-                    },
-                    _ = stop.wait_for(|stop| *stop) => break,
-                }
-            }
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff.success();
-                pauses.leave(&status, Pause::AcceptBackoff);
+                this.status.log.leave(&this.status, Pause::AcceptBackoff);
                 // Served by the service whose permit it holds; a swap since then restarts
-                // the loop for the next client (`swapped`).
-                let tracked = tracker.track();
+                // the loop for the next client (`swapped`). Spawned on this worker.
+                let tracked = this.tracker.track();
                 tokio::spawn(async move {
-                    let _permits = (permit, fd_permit);
+                    let _permits = permits;
                     serve_client(service, stream, peer, tracked).await;
                 });
             }
             Err(e) => {
-                let delay = backoff.error(&e);
-                if delay.is_zero() {
-                    // ECONNABORTED and friends: the client gave up before we accepted it.
-                    debug!(listener = ?addr, error = %e, "accept error");
-                    continue;
-                }
-                if ACCEPT_ERROR_LOG.allow() {
-                    let backoff_ms = delay.as_millis() as u64;
-                    if is_resource_exhaustion(&e) {
-                        error!(listener = ?addr, error = %e, backoff_ms, "accept failed: out of resources; backing off");
-                    } else {
-                        warn!(listener = ?addr, error = %e, consecutive = backoff.consecutive, backoff_ms, "accept keeps failing; backing off");
-                    }
-                }
-                status.set_paused(Some(Pause::AcceptBackoff));
-                pauses.enter(Pause::AcceptBackoff);
-                pauses.maybe_log(&status, Pause::AcceptBackoff, true);
-                let stopped = tokio::select! {
-                    _ = tokio::time::sleep(delay) => false,
-                    _ = stop.wait_for(|stop| *stop) => true,
-                };
-                status.set_paused(None);
-                if stopped {
+                if this.back_off(&mut backoff, &e, &mut stop).await {
                     break;
                 }
             }
         }
     }
-    status.set_paused(None);
-    let drained = drain_backlog(&listener, &slot, &tracker);
-    info!(listener = ?addr, drained, "listener closed");
+    this.status.set_paused(this.index, None);
+    drain_backlog(&this.listener, &this.slot, &this.tracker)
+}
+
+impl AcceptLoop {
+    fn set_keepalive(&self, keepalive: Option<Duration>) {
+        if let Err(e) = set_keepalive((&self.listener).into(), keepalive) {
+            warn!(listener = %self.status.addr, error = %e, "cannot set TCP keepalive on the listener");
+        }
+    }
+
+    /// A permit of the service's limit, then one of the process-wide descriptor cap.
+    async fn take_permits(
+        &self,
+        service: &Service,
+        swapped: &mut watch::Receiver<()>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Step<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        // On a swap, start over: the permit must come from the limit of the service that
+        // will serve the connection (when the name stays, that is the same, resized, limit).
+        let limit = service.connection_permits();
+        let (status, index) = (&*self.status, self.index);
+        let permit =
+            match take_permit(limit, Pause::MaxConnections, status, index, swapped, stop).await {
+                Step::Got(permit) => permit,
+                Step::Restart => return Step::Restart,
+                Step::Stop => return Step::Stop,
+            };
+        // The process-wide cap second: a service at its own limit does not hold a
+        // descriptor permit other services could use.
+        let cap = self.tracker.cap();
+        match take_permit(cap, Pause::FdCap, status, index, swapped, stop).await {
+            Step::Got(fd_permit) => Step::Got((permit, fd_permit)),
+            Step::Restart => Step::Restart,
+            Step::Stop => Step::Stop,
+        }
+    }
+
+    /// The next client. One already waiting is taken at once; otherwise nobody is left in
+    /// the backlog, a pause for a limit is over, and the loop waits for one.
+    async fn accept(
+        &self,
+        swapped: &mut watch::Receiver<()>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Step<io::Result<(TcpStream, SocketAddr)>> {
+        let immediate = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            self.listener.poll_accept(&mut cx)
+        };
+        if let Poll::Ready(accepted) = immediate {
+            return Step::Got(accepted);
+        }
+        self.status.log.leave(&self.status, Pause::MaxConnections);
+        self.status.log.leave(&self.status, Pause::FdCap);
+        tokio::select! {
+            accepted = self.listener.accept() => Step::Got(accepted),
+            changed = swapped.changed() => match changed {
+                Ok(()) => Step::Restart, // accept is cancel-safe: nothing is lost
+                Err(_) => Step::Stop,
+            },
+            _ = stop.wait_for(|stop| *stop) => Step::Stop,
+        }
+    }
+
+    /// After a failed accept: pauses as `backoff` says, showing the listener paused.
+    /// Returns true when the listener closed meanwhile.
+    async fn back_off(
+        &self,
+        backoff: &mut AcceptBackoff,
+        e: &io::Error,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let addr = self.status.addr;
+        let delay = backoff.error(e);
+        if delay.is_zero() {
+            // ECONNABORTED and friends: the client gave up before we accepted it.
+            debug!(listener = %addr, error = %e, "accept error");
+            return false;
+        }
+        if ACCEPT_ERROR_LOG.allow() {
+            let backoff_ms = delay.as_millis() as u64;
+            if is_resource_exhaustion(e) {
+                error!(listener = %addr, error = %e, backoff_ms, "accept failed: out of resources; backing off");
+            } else {
+                warn!(listener = %addr, error = %e, consecutive = backoff.consecutive, backoff_ms, "accept keeps failing; backing off");
+            }
+        }
+        self.status
+            .set_paused(self.index, Some(Pause::AcceptBackoff));
+        self.status.log.enter(Pause::AcceptBackoff);
+        self.status
+            .log
+            .maybe_log(&self.status, Pause::AcceptBackoff, true);
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = stop.wait_for(|stop| *stop) => true,
+        };
+        self.status.set_paused(self.index, None);
+        stopped
+    }
 }
 
 /// Serves the connections the kernel has already completed in the backlog: closing the socket

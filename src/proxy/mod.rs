@@ -79,62 +79,79 @@ impl Drop for ServiceActive<'_> {
 /// `tracked` counts the connection for the shutdown drain and tells it when the drain's
 /// grace has elapsed, so that the connection is ended by its own task, which knows whether
 /// bytes are still in flight (and then resets both sides instead of closing them cleanly).
-pub async fn serve_client(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+pub fn serve_client(
     service: Arc<Service>,
     mut client: TcpStream,
     peer: SocketAddr,
     tracked: listener::Tracked,
-) {
-    let started = Instant::now();
-    let _active = ServiceActive::new(&service);
-    let config = service.config();
-    let Some((peer, local)) = introduce(&service, &config, &mut client, peer, started).await else {
-        return;
-    };
-    let Some(_source_slot) = admit(&service, &config, &client, peer, started) else {
-        return;
-    };
-    let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await else {
-        return;
-    };
-    let backend = connected.backend.backend();
-    // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
-    // only means the connection is already gone; the transfer will report that.
-    let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
-    let transfer = match send_proxy_header(&config, &client, peer, local, &connected.stream).await {
-        Ok(()) => {
-            let cut = tracked.cut();
-            transfer(&service, &config, &client, &connected, cut).await
-        }
-        Err(e) => {
-            reset_on_close(&client);
-            Transfer::failed_before_data(e.kind())
-        }
-    };
-    judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
-    let reason = transfer.end.label();
-    access(
-        &service,
-        peer,
-        Some(backend),
-        connected.attempts,
-        (transfer.client_to_backend, transfer.backend_to_client),
-        started,
-        &reason,
-    );
-    info!(
-        service = %service.name,
-        client = %peer,
-        backend = %backend.addr(),
-        target = %backend.key.target,
-        attempts = connected.attempts,
-        bytes_in = transfer.client_to_backend,
-        bytes_out = transfer.backend_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        reason = %reason,
-        reset_pending = transfer.cut_pending,
-        "connection closed"
-    );
+) -> impl Future<Output = ()> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        let started = Instant::now();
+        let _active = ServiceActive::new(&service);
+        let config = service.config();
+        let Some((peer, local)) = introduce(&service, &config, &mut client, peer, started).await
+        else {
+            return;
+        };
+        let Some(_source_slot) = admit(&service, &config, &client, peer, started) else {
+            return;
+        };
+        let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await
+        else {
+            return;
+        };
+        let backend = connected.backend.backend();
+        // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
+        // only means the connection is already gone; the transfer will report that.
+        let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
+        // Awaited in a statement of its own: a future awaited in a `match` scrutinee would stay
+        // part of this task's state through the whole transfer in the arm.
+        let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream).await;
+        let transfer = match header_sent {
+            Ok(()) => {
+                // Pinned here and lent down: a future passed by value is stored again by every
+                // async fn it passes through, for the connection's whole life.
+                let cut = std::pin::pin!(tracked.cut());
+                transfer(&service, &config, &client, &connected, cut).await
+            }
+            Err(e) => {
+                reset_on_close(&client);
+                Transfer::failed_before_data(e.kind())
+            }
+        };
+        judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
+        service.stats.histograms.observe_connection(
+            started.elapsed(),
+            transfer.client_to_backend,
+            transfer.backend_to_client,
+        );
+        let reason = transfer.end.label();
+        access(
+            &service,
+            peer,
+            Some(backend),
+            connected.attempts,
+            (transfer.client_to_backend, transfer.backend_to_client),
+            started,
+            &reason,
+        );
+        info!(
+            service = %service.name,
+            client = %peer,
+            backend = %backend.addr(),
+            target = %backend.key.target,
+            attempts = connected.attempts,
+            bytes_in = transfer.client_to_backend,
+            bytes_out = transfer.backend_to_client,
+            duration_ms = started.elapsed().as_millis() as u64,
+            reason = %reason,
+            reset_pending = transfer.cut_pending,
+            "connection closed"
+        );
+    }
 }
 
 static PROXY_HEADER_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
@@ -160,7 +177,13 @@ async fn introduce(
             .iter()
             .any(|net| net.contains(&canonical_ip(peer.ip())));
     let header = if trusted {
-        proxy_protocol::read_header(client, config.accept_proxy_timeout).await
+        // Boxed: the header's buffer and timer are needed for the first bytes only, and
+        // inline they would make every connection's task larger for its whole life.
+        Box::pin(proxy_protocol::read_header(
+            client,
+            config.accept_proxy_timeout,
+        ))
+        .await
     } else {
         Err(proxy_protocol::ReadHeaderError::Untrusted)
     };
@@ -330,25 +353,30 @@ async fn send_proxy_header(
 /// Stage 4: bytes both ways until the connection ends. The first byte either way proves the
 /// backend works: the success is recorded then, not at close, so a long-lived connection
 /// re-admits an ejected backend (and resets its failure count) as soon as it carries data.
-async fn transfer(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+fn transfer(
     service: &Service,
     config: &ServiceConfig,
     client: &TcpStream,
     connected: &Connected,
     cut: impl Future<Output = ()>,
-) -> Transfer {
-    let backend: &Backend = connected.backend.backend();
-    let proven = AtomicBool::new(false);
-    let count = |side: Side, n: u64| {
-        match side {
-            Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
-            Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
+) -> impl Future<Output = Transfer> {
+    // Not an `async fn`: its arguments would be stored twice in the future (see
+    // `proxy::tests::a_connection_task_stays_small`).
+    async move {
+        let backend: &Backend = connected.backend.backend();
+        let proven = AtomicBool::new(false);
+        let count = |side: Side, n: u64| {
+            match side {
+                Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
+                Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
+            };
+            if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
+                judge::record_success(service, backend, connected.at);
+            }
         };
-        if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
-            judge::record_success(service, backend, connected.at);
-        }
-    };
-    proxy_streams(client, &connected.stream, config.idle_timeout, cut, &count).await
+        proxy_streams(client, &connected.stream, config.idle_timeout, cut, &count).await
+    }
 }
 
 /// Sets TCP keepalive on a socket, or turns it off (`None`), so that a peer that vanished (a
@@ -368,4 +396,43 @@ pub(crate) fn set_keepalive(
         .with_interval(every)
         .with_retries(crate::config::KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&keepalive)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    /// Every open connection holds its task's future for its whole life, idle or not, so the
+    /// future's size is most of srvlb's memory per connection (`scripts/bench-compare`'s
+    /// idle row). Buffers, pipes, the splice state and the waits of a blocked writer are
+    /// boxed and held only while in use; this fails when a change puts something large back
+    /// inline (an awaited future kept alive across the transfer, a value passed by value
+    /// through several async fns).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        fn size<F: Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let text =
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nstatic = [\"127.0.0.1:2\"]\n";
+        let config = crate::config::Config::parse(text, "t").expect("config");
+        let resolver =
+            Arc::new(crate::discovery::build_resolver(&config.resolver).expect("resolver"));
+        let service = crate::service::Service::start(
+            config.services[0].clone(),
+            resolver,
+            config.resolver.clone(),
+        );
+        let tracker = super::listener::ConnectionTracker::default();
+        let task = super::serve_client(service, client, addr, tracker.track());
+        let bytes = size(&task);
+        println!("connection task: {bytes} bytes");
+        assert!(bytes <= 2048, "a connection's future grew to {bytes} bytes");
+    }
 }

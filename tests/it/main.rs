@@ -11,6 +11,7 @@ mod support;
 mod accept_proxy;
 mod access_log;
 mod admin;
+mod admin_http;
 mod bind_e2e;
 mod bind_harness;
 mod data_path;
