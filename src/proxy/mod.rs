@@ -401,7 +401,6 @@ pub(crate) fn set_keepalive(
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::sync::Arc;
 
     /// Every open connection holds its task's future for its whole life, idle or not, so the
     /// future's size is most of srvlb's memory per connection (`scripts/bench-compare`'s
@@ -422,11 +421,10 @@ mod tests {
         let text =
             "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nstatic = [\"127.0.0.1:2\"]\n";
         let config = crate::config::Config::parse(text, "t").expect("config");
-        let resolver =
-            Arc::new(crate::discovery::build_resolver(&config.resolver).expect("resolver"));
+        let resolver = crate::discovery::Resolver::new(&config.resolver).expect("resolver");
         let service = crate::service::Service::start(
             config.services[0].clone(),
-            resolver,
+            &resolver,
             config.resolver.clone(),
         );
         let tracker = super::listener::ConnectionTracker::default();
