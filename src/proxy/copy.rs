@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -218,22 +218,24 @@ pub fn proxy_streams(
         let last_activity = AtomicU64::new(now_ms());
         let up_progress = Progress::new(&last_activity, idle);
         let down_progress = Progress::new(&last_activity, idle);
+        // Directions that ended with a FIN (see `pass_fin`).
+        let ended = AtomicU8::new(0);
         let c2b = pump(
-            client,
-            backend,
+            (client, backend),
             &up,
             &up_progress,
             Side::Client,
             on_bytes,
+            &ended,
             pipes,
         );
         let b2c = pump(
-            backend,
-            client,
+            (backend, client),
             &down,
             &down_progress,
             Side::Backend,
             on_bytes,
+            &ended,
             pipes,
         );
         tokio::pin!(c2b, b2c);
@@ -388,12 +390,12 @@ enum Mode {
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::manual_async_fn)] // see the comment in the body
 fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+    (from, to): (&TcpStream, &TcpStream),
     counter: &AtomicU64,
     progress: &Progress<'_>,
     side: Side,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
+    ended: &AtomicU8,
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &PipePool,
 ) -> impl Future<Output = Result<(), PumpError>> {
     // Not an `async fn`: its arguments would be stored twice in the future (see
@@ -426,7 +428,7 @@ fn pump(
                 let mut count = |n| moved(n);
                 let spliced = Box::pin(splice_direction(from, to, pipes, progress, &mut count));
                 match spliced.await {
-                    SpliceEnd::Eof => return pass_fin(to),
+                    SpliceEnd::Eof => return pass_fin(to, ended),
                     SpliceEnd::Read(e) => return Err(PumpError::Read(e)),
                     SpliceEnd::Write(e) => return Err(PumpError::Write(e)),
                     // The burst is over (a read came in small): back to the buffer.
@@ -465,7 +467,7 @@ fn pump(
             let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
             buf.clear();
             match read_some(from, buf) {
-                Ok(0) => return pass_fin(to),
+                Ok(0) => return pass_fin(to, ended),
                 Ok(n) => {
                     progress.set_holding(true);
                     progress.touch();
@@ -519,7 +521,14 @@ fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
 }
 
 /// The source sent FIN: pass it on as `shutdown(Write)`, leaving the other direction open.
-fn pass_fin(to: &TcpStream) -> Result<(), PumpError> {
+/// When the other direction has ended with a FIN already, the transfer is over and both
+/// sockets are closed at once, which sends this FIN anyway: the shutdown would be a syscall
+/// for nothing on every connection. (Both sources are read to EOF then, so the close is a
+/// FIN, never a reset for unread bytes.)
+fn pass_fin(to: &TcpStream, ended: &AtomicU8) -> Result<(), PumpError> {
+    if ended.fetch_add(1, Ordering::Relaxed) > 0 {
+        return Ok(());
+    }
     match SockRef::from(to).shutdown(Shutdown::Write) {
         Ok(()) => Ok(()),
         // The other side is already gone; its own direction will report how.
@@ -641,13 +650,14 @@ mod tests {
         let counter = AtomicU64::new(0);
         let last = AtomicU64::new(0);
         let progress = Progress::new(&last, Duration::from_secs(60));
+        let ended = AtomicU8::new(0);
         let pumped = pump(
-            &near,
-            &far,
+            (&near, &far),
             &counter,
             &progress,
             Side::Client,
             &|_, _| {},
+            &ended,
             &pipes,
         );
         let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -703,14 +713,15 @@ mod tests {
         let counter = AtomicU64::new(0);
         let last = AtomicU64::new(0);
         let progress = Progress::new(&last, Duration::from_secs(60));
+        let ended = AtomicU8::new(0);
         let pumped = async {
             let end = pump(
-                &near,
-                &far,
+                (&near, &far),
                 &counter,
                 &progress,
                 Side::Client,
                 &|_, _| {},
+                &ended,
                 &pipes,
             )
             .await;
