@@ -7,17 +7,22 @@
 // splice, pipes and socket options go through rustix and socket2; nothing here needs unsafe.
 #![forbid(unsafe_code)]
 
+// The public API is what the `srvlb` binary, the demo (examples/demo.rs), the benches and
+// the integration tests (tests/it) use: the configuration, the process (`control`), a
+// service and its pool, selection, discovery's lookups, the PROXY header codec. The rest is
+// crate-private.
 pub mod access_log;
-pub mod admin;
+pub(crate) mod admin;
 pub mod balance;
 pub mod config;
 pub mod control;
 pub mod discovery;
 pub mod fd_budget;
 pub mod health;
-pub mod log_throttle;
+pub(crate) mod log_throttle;
+mod os_error;
 pub mod pool;
 pub mod proxy;
 pub mod service;
-pub mod source_limits;
-pub mod workers;
+pub(crate) mod source_limits;
+pub(crate) mod workers;

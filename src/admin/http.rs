@@ -108,7 +108,7 @@ pub(super) async fn accept_loop(listener: AdminListener, state: Arc<AdminState>)
 /// Out of descriptors: give up the spare so the next accept succeeds (an operator gets in
 /// even then). Any other error, or none to give: back off a moment.
 async fn accept_failed(state: &AdminState, e: &std::io::Error) {
-    let exhausted = matches!(e.raw_os_error(), Some(23 | 24));
+    let exhausted = crate::os_error::out_of_descriptors(e);
     if exhausted && state.slots.use_spare() {
         if ADMIN_ACCEPT_LOG.allow() {
             warn!(error = %e, "admin accept: out of descriptors; using the spare");

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-pub use histogram::{ConnectionHistograms, Histogram};
+pub use histogram::ConnectionHistograms;
 
 use crate::config::AdminToken;
 use crate::fd_budget::{FdBudget, MAX_ADMIN_SLOTS};

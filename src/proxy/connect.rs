@@ -198,9 +198,9 @@ pub fn blame(e: &io::Error) -> Blame {
             | Errno::AFNOSUPPORT
             | Errno::PROTONOSUPPORT,
         ) => Blame::Backend,
-        Some(Errno::ADDRNOTAVAIL | Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
-            Blame::Local
-        }
+        // No local port left, or out of descriptors or memory: this host's shortage.
+        Some(Errno::ADDRNOTAVAIL) => Blame::Local,
+        _ if crate::os_error::out_of_resources(e) => Blame::Local,
         _ => Blame::Unknown,
     }
 }

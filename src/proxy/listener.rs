@@ -775,10 +775,7 @@ impl AcceptBackoff {
     }
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
-}
+use crate::os_error::out_of_resources as is_resource_exhaustion;
 
 #[cfg(test)]
 mod tests {

@@ -7,13 +7,13 @@
 //! (`health::judge`).
 //! It reads service state; it never changes the pool's membership.
 
-pub mod backlog;
-pub mod connect;
-pub mod copy;
-pub mod listener;
+pub(crate) mod backlog;
+pub(crate) mod connect;
+pub(crate) mod copy;
+pub(crate) mod listener;
 pub mod proxy_protocol;
 #[cfg(target_os = "linux")]
-pub mod splice;
+pub(crate) mod splice;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -33,8 +33,7 @@ use crate::source_limits::{Refusal, SourceSlot};
 use connect::{Connected, NoBackend, connect_any};
 use copy::{Side, Transfer, proxy_streams, reset_on_close};
 
-pub use crate::log_throttle::LogThrottle;
-pub use connect::{Blame, ConnectError, blame, connect};
+pub(crate) use crate::log_throttle::LogThrottle;
 
 /// An IPv4 client reaching an IPv6 listener appears as `::ffff:a.b.c.d`; every rule about
 /// clients (allow/deny, the Maglev key, per-source limits, the PROXY header) means `a.b.c.d`.

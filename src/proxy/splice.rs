@@ -132,8 +132,11 @@ pub enum SpliceEnd {
 }
 
 fn unsupported(e: &io::Error) -> bool {
-    // EINVAL 22: splice not supported for this fd pair; ENOSYS 38: no splice at all.
-    matches!(e.raw_os_error(), Some(22 | 38))
+    // EINVAL: splice not supported for this pair of descriptors; ENOSYS: no splice at all.
+    matches!(
+        rustix::io::Errno::from_io_error(e),
+        Some(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS)
+    )
 }
 
 /// Moves bytes from `from` to `to` until `from` sends FIN, either side fails, or a read comes
