@@ -39,7 +39,12 @@ mod tests {
             assert!(out_of_resources(&errno(e)), "{e:?}");
         }
         assert!(out_of_resources(&io::ErrorKind::OutOfMemory.into()));
-        for e in [Errno::CONNABORTED, Errno::PERM, Errno::CONNREFUSED, Errno::INVAL] {
+        for e in [
+            Errno::CONNABORTED,
+            Errno::PERM,
+            Errno::CONNREFUSED,
+            Errno::INVAL,
+        ] {
             assert!(!out_of_resources(&errno(e)), "{e:?}");
         }
     }
