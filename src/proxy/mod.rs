@@ -11,9 +11,12 @@ pub(crate) mod backlog;
 pub(crate) mod connect;
 pub(crate) mod copy;
 pub(crate) mod listener;
+mod pause;
+mod progress;
 pub mod proxy_protocol;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
+mod tracker;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
