@@ -95,16 +95,7 @@ fn demote(removed: Vec<&Endpoint>, next: &[Endpoint]) -> Vec<Endpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ep(target: &str, last: u8) -> Endpoint {
-        Endpoint {
-            target: target.to_owned(),
-            port: 80,
-            addr: SocketAddr::from(([127, 0, 0, last], 80)),
-            priority: 10,
-            weight: 1,
-        }
-    }
+    use crate::discovery::test_support::ep;
 
     #[test]
     fn a_rollout_is_held_only_for_its_removals() {

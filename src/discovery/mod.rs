@@ -19,6 +19,8 @@ mod schedule;
 mod srv;
 mod statics;
 mod status;
+#[cfg(test)]
+mod test_support;
 mod tiers;
 
 use std::future::Future;

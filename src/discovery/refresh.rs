@@ -355,34 +355,8 @@ impl<S: Source> Discovery<S> {
 mod tests {
     use super::*;
     use crate::balance::Selection;
-    use crate::config::AddressFamily;
     use crate::discovery::StaticSource;
-    use std::net::SocketAddr;
-
-    fn settings() -> ResolverConfig {
-        ResolverConfig {
-            nameservers: Vec::new(),
-            timeout: Duration::from_secs(2),
-            min_refresh: Duration::from_secs(1),
-            max_refresh: Duration::from_secs(60),
-            empty_hold: Duration::from_secs(30),
-            family: AddressFamily::Any,
-        }
-    }
-
-    fn within(d: Duration, low_ms: u64, high_ms: u64) -> bool {
-        d >= Duration::from_millis(low_ms) && d <= Duration::from_millis(high_ms)
-    }
-
-    fn ep(target: &str, last: u8) -> Endpoint {
-        Endpoint {
-            target: target.to_owned(),
-            port: 80,
-            addr: SocketAddr::from(([127, 0, 0, last], 80)),
-            priority: 10,
-            weight: 1,
-        }
-    }
+    use crate::discovery::test_support::{ep, settings, within};
 
     fn discovery(pool: &Arc<Pool>) -> Discovery<StaticSource> {
         // Never asked: the tests below feed answers straight to `accept_answer`/`refresh`.

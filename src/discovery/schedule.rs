@@ -102,21 +102,7 @@ fn jitter<R: Rng + ?Sized>(base: Duration, settings: &ResolverConfig, rng: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn settings() -> ResolverConfig {
-        ResolverConfig {
-            nameservers: Vec::new(),
-            timeout: Duration::from_secs(2),
-            min_refresh: Duration::from_secs(1),
-            max_refresh: Duration::from_secs(60),
-            empty_hold: Duration::from_secs(30),
-            family: crate::config::AddressFamily::Any,
-        }
-    }
-
-    fn within(d: Duration, low_ms: u64, high_ms: u64) -> bool {
-        d >= Duration::from_millis(low_ms) && d <= Duration::from_millis(high_ms)
-    }
+    use crate::discovery::test_support::{settings, within};
 
     #[test]
     fn refresh_interval_clamps_and_jitters_at_most_ten_percent() {
