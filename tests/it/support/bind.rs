@@ -206,23 +206,9 @@ impl Named {
     /// Kills `named` (simulating a DNS outage) but keeps its directory, zone, journal and
     /// port, so that [`Named::restart`] resumes where it stopped. Idempotent.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(None) = child.try_wait() {
-            // std only offers SIGKILL; SIGTERM lets named shut down cleanly (close the
-            // journal, remove its pid file). The kill(1) binary avoids a libc dependency.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            if !matches!(wait_deadline(&mut child, TERM_GRACE), Ok(Some(_))) {
-                let _ = child.kill();
-            }
+        if let Some(child) = self.child.take() {
+            terminate(child);
         }
-        // Reap it so no zombie holds the pid; after SIGKILL this returns promptly.
-        let _ = child.wait();
     }
 
     /// Starts `named` again on the same port, serving the zone as last updated (the
@@ -530,6 +516,24 @@ fn soa_query(id: u16, zone: &str) -> Vec<u8> {
 }
 
 /// Waits up to `timeout` for `child` to exit; `Ok(None)` when it is still running.
+/// Ends a server the tests started: SIGTERM, so it shuts down cleanly (named closes its
+/// journal and removes its pid file), SIGKILL if it is still there after `TERM_GRACE`, then
+/// reaps it so no zombie holds the pid. std only offers SIGKILL; the kill(1) binary avoids a
+/// libc dependency.
+pub fn terminate(mut child: Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(wait_deadline(&mut child, TERM_GRACE), Ok(Some(_))) {
+            let _ = child.kill();
+        }
+    }
+    let _ = child.wait();
+}
+
 pub fn wait_deadline(
     child: &mut Child,
     timeout: Duration,

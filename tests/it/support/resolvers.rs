@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::bind::{find_program, free_port, skip_or_fail, wait_deadline};
+use super::bind::{find_program, free_port, skip_or_fail, terminate};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const TERM_GRACE: Duration = Duration::from_secs(5);
@@ -114,20 +114,9 @@ impl Server {
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(None) = child.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            if !matches!(wait_deadline(&mut child, TERM_GRACE), Ok(Some(_))) {
-                let _ = child.kill();
-            }
+        if let Some(child) = self.child.take() {
+            terminate(child);
         }
-        let _ = child.wait();
     }
 }
 
