@@ -5,6 +5,7 @@
 //! userspace copy does. Either way pipes and buffers are taken only while bytes are in
 //! flight, so an idle connection holds none.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
@@ -330,12 +331,6 @@ fn pump(
         #[cfg(not(target_os = "linux"))]
         let splice_allowed = false;
         let mut mode = Mode::Buffer;
-        // Taken when the source is readable and given back when it is drained, so an idle
-        // connection holds no buffer. It is allocated without zeroing (the kernel writes the
-        // bytes we read, and only those are used): an allocation is a cheap free-list take,
-        // while zeroing it was a memset each time the socket drained, which in a
-        // request/response protocol is nearly every request.
-        let mut buffer: Option<Vec<u8>> = None;
         loop {
             #[cfg(target_os = "linux")]
             if mode == Mode::Splice {
@@ -381,50 +376,100 @@ fn pump(
             } else {
                 BULK_BUFFER
             };
-            let buf = buffer.get_or_insert_with(|| Vec::with_capacity(buffer_size));
-            buf.clear();
-            match read_some(from, buf) {
-                Ok(0) => return pass_fin(to, ended),
-                Ok(n) => {
-                    progress.set_holding(true);
-                    progress.touch();
-                    // Nearly always the destination takes it all at once; only a full one needs
-                    // the wait, boxed so that it is not part of every connection's task.
-                    let written = write_now(to, &buf[..n], progress).map_err(PumpError::Write)?;
-                    if written < n {
-                        Box::pin(write_rest(to, &buf[written..n], progress))
+            match read_and_write(from, to, buffer_size, progress)? {
+                Moved::Eof => return pass_fin(to, ended),
+                Moved::Drained | Moved::Interrupted => {}
+                Moved::Bytes { n, unwritten } => {
+                    // Nearly always the destination took it all at once; only a full one
+                    // needs the wait, boxed so that it is not part of every connection's task.
+                    if let Some(rest) = unwritten {
+                        Box::pin(write_rest(to, &rest, progress))
                             .await
                             .map_err(PumpError::Write)?;
                     }
                     progress.set_holding(false);
                     moved(n as u64);
-                    if n < buf.capacity() {
-                        // Drained (see `read_some`): give the buffer back so an idle connection
-                        // holds no memory.
-                        buffer = None;
-                    } else if splice_allowed {
-                        buffer = None;
+                    if n == buffer_size && splice_allowed {
                         mode = Mode::Splice;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Read(e)),
             }
         }
     }
 }
 
-/// Reads what `from` has into `buf`'s spare capacity (never 0 bytes of room, so `Ok(0)` is
-/// EOF). A read that returns less than the room it had drained the socket: tokio is told so
-/// (as its own `poll_read` does), so the next wait for readability sleeps until new bytes
-/// arrive instead of costing a read that only returns EAGAIN. New bytes arriving after the
+/// What one read-and-write step of a pump did.
+enum Moved {
+    /// The source sent FIN.
+    Eof,
+    /// Nothing to read after all (readiness was stale).
+    Drained,
+    /// A signal interrupted the read; try again.
+    Interrupted,
+    /// `n` bytes were read; `unwritten` holds those the destination did not take yet.
+    Bytes {
+        n: usize,
+        unwritten: Option<Vec<u8>>,
+    },
+}
+
+/// Reads up to `size` bytes from `from` into the thread's scratch buffer and writes them to
+/// `to` at once. Only the bytes the destination could not take are copied out, so a
+/// connection holds a buffer only while its destination is full, and a request/response
+/// exchange allocates nothing per message.
+fn read_and_write(
+    from: &TcpStream,
+    to: &TcpStream,
+    size: usize,
+    progress: &Progress<'_>,
+) -> Result<Moved, PumpError> {
+    with_scratch(size, |buf| match read_some(from, buf) {
+        Ok(0) => Ok(Moved::Eof),
+        Ok(n) => {
+            progress.set_holding(true);
+            progress.touch();
+            let written = write_now(to, &buf[..n], progress).map_err(PumpError::Write)?;
+            let unwritten = (written < n).then(|| buf[written..n].to_vec());
+            Ok(Moved::Bytes { n, unwritten })
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Moved::Drained),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Moved::Interrupted),
+        Err(e) => Err(PumpError::Read(e)),
+    })
+}
+
+thread_local! {
+    /// The buffer every pump on this thread reads into and writes from. It is taken only for
+    /// one synchronous read-and-write step, never across an await, so all of the thread's
+    /// connections share it. Made on first use (calloc'd pages, touched only as far as reads
+    /// reach).
+    static SCRATCH: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` on the first `size` bytes (at most [`BULK_BUFFER`]) of the thread's scratch
+/// buffer.
+fn with_scratch<R>(size: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let mut buf = SCRATCH
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| vec![0; BULK_BUFFER].into_boxed_slice());
+    let result = f(&mut buf[..size.min(BULK_BUFFER)]);
+    // Fails only while the thread exits; the buffer is then simply freed.
+    let _ = SCRATCH.try_with(|cell| cell.set(Some(buf)));
+    result
+}
+
+/// Reads what `from` has into `buf` (never 0 bytes of room, so `Ok(0)` is EOF). A read that
+/// returns less than the room it had drained the socket: tokio is told so (as its own
+/// `poll_read` does), so the next wait for readability sleeps until new bytes arrive instead
+/// of costing a read that only returns EAGAIN. New bytes arriving after the
 /// read raise a new readiness event that this does not clear.
-fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let room = buf.capacity() - buf.len();
+fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let room = buf.len();
     let mut got = 0;
     let read = from.try_io(Interest::READABLE, || {
-        let n = rustix::io::read(from, rustix::buffer::spare_capacity(&mut *buf))?;
+        let n = rustix::io::read(from, &mut *buf)?;
         got = n;
         if n > 0 && n < room {
             return Err(io::ErrorKind::WouldBlock.into());
