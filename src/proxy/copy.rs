@@ -427,8 +427,12 @@ fn read_and_write(
         Ok(0) => Ok(Moved::Eof),
         Ok(n) => {
             progress.set_holding(true);
-            progress.touch();
             let written = write_now(to, &buf[..n], progress).map_err(PumpError::Write)?;
+            if written == 0 {
+                // The read was progress too; a write that moved bytes has said so already
+                // (one clock read per message, not two).
+                progress.touch();
+            }
             let unwritten = (written < n).then(|| buf[written..n].to_vec());
             Ok(Moved::Bytes { n, unwritten })
         }
