@@ -170,6 +170,9 @@ pub fn proxy_streams(
         let mut first_to_finish: Option<(Side, u64)> = None;
         let end = loop {
             tokio::select! {
+                // In order, not from a random start: only the pumps are woken often, and
+                // none of these branches can starve another (each resolves once at most).
+                biased;
                 result = &mut c2b, if !c2b_done => match result {
                     Ok(()) => {
                         c2b_done = true;
