@@ -3,7 +3,9 @@
 //! every listener takes a permit of before it accepts.
 
 use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 
 use tokio::sync::{Notify, Semaphore};
 
@@ -62,7 +64,24 @@ impl Tracked {
         if self.0.cut.load(Ordering::Acquire) {
             return;
         }
-        notified.await;
+        // This future is polled every time the connection's task wakes (a message, either
+        // way), and polling a waiting `Notified` locks the one `Notify` every connection of
+        // every worker waits on. Once the waiter holds the task's waker, `notify_waiters`
+        // wakes the task without being polled, so the waiter is polled again only when the
+        // cut is due or the waker has changed.
+        let mut registered: Option<Waker> = None;
+        std::future::poll_fn(|cx| {
+            if self.0.cut.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return Poll::Pending;
+            }
+            let poll = notified.as_mut().poll(cx);
+            registered = Some(cx.waker().clone());
+            poll
+        })
+        .await;
     }
 }
 
