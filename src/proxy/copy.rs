@@ -383,16 +383,18 @@ fn pump(
                 Moved::Eof => return pass_fin(to, ended),
                 Moved::Drained | Moved::Interrupted => {}
                 Moved::Bytes { n, unwritten } => {
+                    let bulk = n == buffer_size && splice_allowed;
                     // Nearly always the destination took it all at once; only a full one
-                    // needs the wait, boxed so that it is not part of every connection's task.
+                    // needs the wait, boxed with the bytes it still holds so that neither is
+                    // part of every connection's task.
                     if let Some(rest) = unwritten {
-                        Box::pin(write_rest(to, &rest, progress))
+                        Box::pin(write_rest(to, rest, progress))
                             .await
                             .map_err(PumpError::Write)?;
                     }
                     progress.set_holding(false);
                     moved(n as u64);
-                    if n == buffer_size && splice_allowed {
+                    if bulk {
                         mode = Mode::Splice;
                     }
                 }
@@ -551,7 +553,8 @@ fn write_now(to: &TcpStream, data: &[u8], progress: &Progress<'_>) -> io::Result
 /// The part of a pump's write that [`write_now`] could not hand over (the destination is
 /// full): waits for room or a probe (see [`Progress`]), writes, and goes on until all of
 /// `data` is written, telling `progress` about every partial write.
-async fn write_rest(to: &TcpStream, mut data: &[u8], progress: &Progress<'_>) -> io::Result<()> {
+async fn write_rest(to: &TcpStream, rest: Vec<u8>, progress: &Progress<'_>) -> io::Result<()> {
+    let mut data = &rest[..];
     while !data.is_empty() {
         // The socket is non-blocking (tokio made it so): a full buffer is EAGAIN.
         let written = progress
