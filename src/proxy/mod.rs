@@ -10,6 +10,7 @@
 pub(crate) mod backlog;
 pub(crate) mod connect;
 pub(crate) mod copy;
+mod direction;
 pub(crate) mod listener;
 mod pause;
 mod progress;

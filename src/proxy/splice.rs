@@ -12,7 +12,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::Progress;
+use super::progress::Progress;
 
 /// A spliced read smaller than this ends a burst (see [`SpliceEnd::Small`]). Lower than the
 /// 16 KiB that switches a direction to splice: a splice read is bounded by the pipe's 16
@@ -148,7 +148,7 @@ pub(crate) async fn splice_direction(
     to: &TcpStream,
     pool: &PipePool,
     progress: &Progress<'_>,
-    moved: &mut (dyn FnMut(u64) + Send),
+    mut moved: impl FnMut(u64) + Send,
 ) -> SpliceEnd {
     let mut total: u64 = 0;
     loop {

@@ -2,8 +2,8 @@
 //! shutdown can wait for them, or tell each to end now) and the process-wide connection cap
 //! every listener takes a permit of before it accepts.
 
-use std::sync::Arc;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 
