@@ -13,7 +13,7 @@ use super::error::Problem;
 use super::raw::Text;
 
 /// Longest unix socket path Linux accepts (`sun_path` holds 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// The bearer token the admin endpoint requires, and the file it came from.
 #[derive(Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 mod admin;
 mod duration;
 mod error;
+mod keys;
 mod plan;
 mod raw;
 mod validate;
