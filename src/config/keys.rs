@@ -306,23 +306,30 @@ section! {
     max_ejected_percent: Spanned<i64> => Kind::Integer { min: 0, max: Some(100) }, IsInteger(50);
 }
 
-/// The declared key closest to `unknown` among `candidates` (the names toml says the table
-/// accepts), when it is near enough to be a typo: at most one edit per three characters.
-pub(crate) fn suggestion<'a>(unknown: &str, candidates: &[&'a str]) -> Option<&'a str> {
+/// A hint for a key toml refused, given the names it said the table accepts: the accepted
+/// key closest to `unknown` when it is near enough to be a typo (at most one edit per three
+/// characters), or else the table where a key of that exact name belongs.
+pub(crate) fn unknown_key_hint(unknown: &str, accepted: &[&str]) -> Option<String> {
+    let limit = (unknown.chars().count() / 3).max(1);
     let declared = |name: &str| {
         Section::ALL
             .iter()
             .any(|s| s.keys().iter().any(|k| k.name == name))
     };
-    let limit = (unknown.chars().count() / 3).max(1);
-    candidates
+    let typo = accepted
         .iter()
         .copied()
         .filter(|name| declared(name))
         .map(|name| (edit_distance(unknown, name), name))
         .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, name)| name)
+        .min_by_key(|(distance, _)| *distance);
+    if let Some((_, name)) = typo {
+        return Some(format!("did you mean `{name}`?"));
+    }
+    Section::ALL
+        .iter()
+        .find(|s| s.keys().iter().any(|k| k.name == unknown))
+        .map(|s| format!("`{unknown}` belongs in {}", s.header()))
 }
 
 /// Levenshtein distance in characters.

@@ -345,6 +345,30 @@ fn unknown_key_in_health_and_top_level() {
 }
 
 #[test]
+fn unknown_key_suggests_the_near_key_or_its_table() {
+    let e = err(&format!("{SERVICE}balanse = \"p2c\"\n"));
+    assert!(e.ends_with("`health`; did you mean `balance`?"), "{e}");
+    let e = err(&format!("[resolver]\nnameserver = []\n{SERVICE}"));
+    assert!(e.ends_with("; did you mean `nameservers`?"), "{e}");
+    let e = err(&format!(
+        "{SERVICE}[service.health]\nmax_ejections = \"1m\"\n"
+    ));
+    assert!(e.ends_with("; did you mean `max_ejection`?"), "{e}");
+    // Right key, wrong table.
+    let e = err(&format!("{SERVICE}consecutive_failures = 3\n"));
+    assert!(
+        e.starts_with("t.toml:5:1: service \"pg\": unknown field `consecutive_failures`")
+            && e.ends_with("; `consecutive_failures` belongs in [service.health]"),
+        "{e}"
+    );
+    let e = err(&format!("[global]\ntimeout = \"1s\"\n{SERVICE}"));
+    assert!(e.ends_with("; `timeout` belongs in [resolver]"), "{e}");
+    // Nothing close: toml's list of valid keys alone.
+    let e = err(&format!("{SERVICE}bogus = 1\n"));
+    assert!(e.ends_with("`accept_proxy_from`, `health`"), "{e}");
+}
+
+#[test]
 fn unnamed_service_errors_use_its_position() {
     let e = err(&format!(
         "{SERVICE}[[service]]\nlisten = [\"127.0.0.1:1\"]\nbogus = 1\n"
