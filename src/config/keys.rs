@@ -95,8 +95,15 @@ pub(crate) enum Kind {
         min: i64,
         max: Option<i64>,
     },
-    /// One of these words.
-    Words(&'static [&'static str]),
+    /// One of these words (checked through the value's [`Keyword`] impl, which declares
+    /// them).
+    Words(
+        #[cfg_attr(
+            not(test),
+            allow(dead_code, reason = "for the docs only: docs_tests.rs renders it")
+        )]
+        &'static [&'static str],
+    ),
     /// The word or a count from 1 to `max`.
     WordOrCount {
         word: &'static str,
@@ -113,6 +120,10 @@ pub(crate) enum Kind {
     Nameservers,
     /// A file path; `max_bytes` when the OS limits it.
     Path {
+        #[cfg_attr(
+            not(test),
+            allow(dead_code, reason = "for the docs only: docs_tests.rs renders it")
+        )]
         max_bytes: Option<usize>,
     },
     /// A DNS name, checked for shape.
@@ -135,7 +146,13 @@ pub(crate) enum DefaultValue {
     /// An empty list.
     Empty,
     /// No value: the feature is off or derived; the text says what that means.
-    Unset(&'static str),
+    Unset(
+        #[cfg_attr(
+            not(test),
+            allow(dead_code, reason = "for the docs only: docs_tests.rs renders it")
+        )]
+        &'static str,
+    ),
 }
 
 impl DefaultValue {

@@ -14,6 +14,8 @@ mod validate;
 mod values;
 
 #[cfg(test)]
+mod docs_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;

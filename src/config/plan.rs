@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use super::duration::format_duration as dur;
-use super::{AddressFamily, Balance, Config, HashKey, LogFormat, ProxyProtocol, ServiceConfig};
+use super::keys::Keyword as _;
+use super::{AddressFamily, Balance, Config, HashKey, ProxyProtocol, ServiceConfig};
 
 /// Width of the label column; the longest label ("empty answer hold") plus two spaces.
 const LABEL_WIDTH: usize = 19;
@@ -30,11 +31,11 @@ pub(crate) fn render(config: &Config) -> String {
         .map_or_else(|| "none".to_string(), |a| format!("{a} (metrics, status)"));
     row(&mut out, "admin", &[admin]);
     render_admin(&mut out, config);
-    let log_format = match config.global.log_format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
-    row(&mut out, "log format", &[log_format.to_string()]);
+    row(
+        &mut out,
+        "log format",
+        &[config.global.log_format.word().to_string()],
+    );
     row(
         &mut out,
         "shutdown grace",
@@ -43,10 +44,7 @@ pub(crate) fn render(config: &Config) -> String {
     let access_log = match &config.global.access_log {
         None => "off".to_string(),
         Some(path) => {
-            let format = match config.global.access_log_format {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            };
+            let format = config.global.access_log_format.word();
             format!("{} ({format}, reopened on SIGUSR1)", path.display())
         }
     };
