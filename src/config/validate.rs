@@ -15,6 +15,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::error::{Problem, line_column};
+use super::keys::GLOBAL;
 use super::raw::{RawFile, RawService};
 use super::{Config, ServiceConfig};
 use service::{CheckedService, service};
@@ -39,7 +40,8 @@ pub(crate) fn config(text: &str, source: PathBuf) -> Result<Config, Problem> {
             return Err(Problem::at(
                 span,
                 format!(
-                    "global.admin {admin} collides with listen address {taken} of service {owner:?}"
+                    "{} {admin} collides with listen address {taken} of service {owner:?}",
+                    GLOBAL.admin.path()
                 ),
             ));
         }

@@ -273,8 +273,9 @@ pub(crate) fn socket_addr(text: &Text, p: &str, what: &str) -> Result<SocketAddr
     Err(Problem::at(text.span(), message))
 }
 
-/// A nameserver: "ip:port", "[v6]:port", or a bare "ip" / "[v6]" meaning port 53.
-pub(crate) fn nameserver(text: &Text) -> Result<SocketAddr, Problem> {
+/// A nameserver of `key` ([`Kind::Nameservers`]): "ip:port", "[v6]:port", or a bare "ip" /
+/// "[v6]" meaning port 53.
+pub(crate) fn nameserver(key: &Key, text: &Text) -> Result<SocketAddr, Problem> {
     let value = text.get_ref().as_str();
     if let Ok(addr) = value.parse::<SocketAddr>() {
         if addr.port() != 0 {
@@ -291,8 +292,9 @@ pub(crate) fn nameserver(text: &Text) -> Result<SocketAddr, Problem> {
     Err(Problem::at(
         text.span(),
         format!(
-            "resolver.nameservers: {value:?} is not an IP address or IP:port (like \"127.0.0.1:8600\"; \
-             port 53 if omitted, and no host names)"
+            "{}: {value:?} is not an IP address or IP:port (like \"127.0.0.1:8600\"; \
+             port 53 if omitted, and no host names)",
+            key.path()
         ),
     ))
 }

@@ -31,7 +31,10 @@ pub(super) fn global(raw: RawGlobal) -> Result<(GlobalConfig, Option<Range<usize
         Some(text) if text.get_ref().is_empty() => {
             return Err(Problem::at(
                 text.span(),
-                "global.access_log: empty path; leave the key out for no access log",
+                format!(
+                    "{}: empty path; leave the key out for no access log",
+                    k.access_log.path()
+                ),
             ));
         }
         Some(text) => Some(PathBuf::from(text.get_ref())),
@@ -91,7 +94,7 @@ pub(super) fn resolver(raw: RawResolver) -> Result<ResolverConfig, Problem> {
         .nameservers
         .iter()
         .flatten()
-        .map(nameserver)
+        .map(|text| nameserver(&k.nameservers, text))
         .collect::<Result<Vec<_>, _>>()?;
     let timeout = duration(&k.timeout, raw.timeout.as_ref(), "")?;
     let min_refresh = duration(&k.min_refresh, raw.min_refresh.as_ref(), "")?;
