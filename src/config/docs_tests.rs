@@ -4,20 +4,14 @@
 //! A failure prints what to paste, so a new key costs its declaration plus its prose.
 
 use super::keys::{DefaultValue, Key, Kind, Section};
+use super::values::either;
 
 const README: &str = include_str!("../../README.md");
 const SAMPLE: &str = include_str!("../../config.toml");
 
 /// The README's "type" column for a key.
 fn type_doc(kind: &Kind) -> String {
-    let quoted = |words: &[&str]| -> String {
-        let quoted: Vec<String> = words.iter().map(|w| format!("`{w:?}`")).collect();
-        match quoted.split_last() {
-            Some((last, [])) => last.clone(),
-            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-            None => String::new(),
-        }
-    };
+    let quoted = |words: &[&str]| either(words.iter().map(|w| format!("`{w:?}`")));
     match kind {
         Kind::Duration { positive: false } => "duration".to_owned(),
         Kind::Duration { positive: true } => "duration, > 0".to_owned(),

@@ -224,16 +224,21 @@ fn word<T: Keyword>(key: &Key, scalar: &Scalar, span: Range<usize>, p: &str) -> 
                 .ok_or_else(|| undeclared(key, "value for a word"));
         }
     }
-    let quoted: Vec<String> = T::WORDS.iter().map(|w| format!("{w:?}")).collect();
-    let allowed = match quoted.split_last() {
-        Some((last, [])) => last.clone(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    };
+    let allowed = either(T::WORDS.iter().map(|w| format!("{w:?}")));
     Err(Problem::at(
         span,
         format!("{p}{} must be {allowed}, not {scalar}", key.path()),
     ))
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`: the choices as a sentence says them.
+pub(crate) fn either(choices: impl IntoIterator<Item = String>) -> String {
+    let choices: Vec<String> = choices.into_iter().collect();
+    match choices.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// Parses a list of backend or listener addresses, rejecting repeats within the list.
