@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::GlobalConfig;
+use super::admin::MAX_SOCKET_PATH;
 use super::raw::{Scalar, Text, TextList};
 use super::{AddressFamily, Balance, HashKey, LogFormat, ProxyProtocol};
 
@@ -168,28 +169,28 @@ impl DefaultValue {
 }
 
 /// A keyword-valued setting: the words the file may use and the value each stands for.
-pub(crate) trait Keyword: Copy + PartialEq + 'static {
+pub(crate) trait Keyword: Copy + 'static {
     const WORDS: &'static [&'static str];
     /// In the order of `WORDS`.
     const VALUES: &'static [Self];
 
     /// The word for `self`, as the file spells it.
-    fn word(self) -> &'static str {
-        Self::VALUES
-            .iter()
-            .position(|v| *v == self)
-            .and_then(|i| Self::WORDS.get(i))
-            .copied()
-            .unwrap_or("?")
-    }
+    fn word(self) -> &'static str;
 }
 
-/// Declares the words of a keyword enum once, each beside the variant it stands for.
+/// Declares the words of a keyword enum once, each beside the variant it stands for; the
+/// `match` in `word` makes a variant without a word a compile error.
 macro_rules! keywords {
     ($type:ident { $($word:literal => $variant:ident),+ $(,)? }) => {
         impl Keyword for $type {
             const WORDS: &'static [&'static str] = &[$($word),+];
             const VALUES: &'static [Self] = &[$($type::$variant),+];
+
+            fn word(self) -> &'static str {
+                match self {
+                    $($type::$variant => $word,)+
+                }
+            }
         }
     };
 }
@@ -236,7 +237,7 @@ macro_rules! section {
             $( pub $field: Key, )+
         }
 
-        pub(crate) const $const: $keys = $keys {
+        pub(crate) static $const: $keys = $keys {
             $( $field: Key {
                 section: Section::$section,
                 name: key_name!($field $(, $rename)?),
@@ -256,21 +257,28 @@ macro_rules! section {
 
 use DefaultValue::{Bool as IsBool, Empty, Integer as IsInteger, Required, Text as Is, Unset};
 
-/// A duration: any, or greater than zero.
+// Shorthands for the declarations below.
 const DURATION: Kind = Kind::Duration { positive: false };
 const POSITIVE_DURATION: Kind = Kind::Duration { positive: true };
+const PATH: Kind = Kind::Path { max_bytes: None };
+const NO_LIMIT: DefaultValue = Unset("none (no limit)");
+
+const fn at_least(min: i64) -> Kind {
+    Kind::Integer { min, max: None }
+}
 
 section! {
     /// `[global]` as written.
     Global => RawGlobal, GlobalKeys GLOBAL;
     admin: Text => Kind::Address, Unset("none");
-    admin_socket: Text => Kind::Path { max_bytes: Some(super::admin::MAX_SOCKET_PATH) }, Unset("none");
-    admin_token_file: Text => Kind::Path { max_bytes: None }, Unset("none (no authentication)");
+    admin_socket: Text => Kind::Path { max_bytes: Some(MAX_SOCKET_PATH) }, Unset("none");
+    admin_token_file: Text => PATH, Unset("none (no authentication)");
     log_format: Spanned<Scalar> => Kind::Words(LogFormat::WORDS), Is("text");
     shutdown_grace: Spanned<Scalar> => DURATION, Is("30s");
-    access_log: Text => Kind::Path { max_bytes: None }, Unset("none (off)");
+    access_log: Text => PATH, Unset("none (off)");
     access_log_format: Spanned<Scalar> => Kind::Words(LogFormat::WORDS), Is("text");
-    workers: Spanned<Scalar> => Kind::WordOrCount { word: "auto", max: GlobalConfig::MAX_WORKERS }, Is("auto");
+    workers: Spanned<Scalar> =>
+        Kind::WordOrCount { word: "auto", max: GlobalConfig::MAX_WORKERS }, Is("auto");
 }
 
 section! {
@@ -298,13 +306,14 @@ section! {
     // Zero would close every connection at once; there is no "disabled" meaning to give it.
     idle_timeout: Spanned<Scalar> => POSITIVE_DURATION, Is("1h");
     // The kernel counts keepalive time in whole seconds, from 1 to 32767.
-    tcp_keepalive: Spanned<Scalar> => Kind::DurationOrSwitch { min_secs: 1, max_secs: 32_767 }, Is("30s");
-    connect_retries: Spanned<i64> => Kind::Integer { min: 0, max: None }, IsInteger(2);
+    tcp_keepalive: Spanned<Scalar> =>
+        Kind::DurationOrSwitch { min_secs: 1, max_secs: 32_767 }, Is("30s");
+    connect_retries: Spanned<i64> => at_least(0), IsInteger(2);
     // u32 bounds the limit to what the connection semaphore can hold.
-    max_connections: Spanned<i64> => Kind::Integer { min: 1, max: None }, IsInteger(10_000);
-    max_connections_per_source: Spanned<i64> => Kind::Integer { min: 1, max: None }, Unset("none (no limit)");
-    rate_per_source: Spanned<Scalar> => Kind::Rate, Unset("none (no limit)");
-    rate_per_source_burst: Spanned<i64> => Kind::Integer { min: 1, max: None }, Unset("N of `rate_per_source`");
+    max_connections: Spanned<i64> => at_least(1), IsInteger(10_000);
+    max_connections_per_source: Spanned<i64> => at_least(1), NO_LIMIT;
+    rate_per_source: Spanned<Scalar> => Kind::Rate, NO_LIMIT;
+    rate_per_source_burst: Spanned<i64> => at_least(1), Unset("N of `rate_per_source`");
     allow: Vec<Text> => Kind::Networks, Empty;
     deny: Vec<Text> => Kind::Networks, Empty;
     send_proxy: Spanned<Scalar> => Kind::Words(ProxyProtocol::WORDS), Unset("none");
@@ -317,7 +326,7 @@ section! {
 section! {
     /// `[service.health]` as written.
     Health => RawHealth, HealthKeys HEALTH;
-    consecutive_failures: Spanned<i64> => Kind::Integer { min: 1, max: None }, IsInteger(3);
+    consecutive_failures: Spanned<i64> => at_least(1), IsInteger(3);
     base_ejection: Spanned<Scalar> => POSITIVE_DURATION, Is("10s");
     max_ejection: Spanned<Scalar> => DURATION, Is("5m");
     max_ejected_percent: Spanned<i64> => Kind::Integer { min: 0, max: Some(100) }, IsInteger(50);
