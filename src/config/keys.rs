@@ -333,8 +333,10 @@ section! {
 }
 
 /// A hint for a key toml refused, given the names it said the table accepts: the accepted
-/// key closest to `unknown` when it is near enough to be a typo (at most one edit per three
-/// characters), or else the table where a key of that exact name belongs.
+/// name closest to `unknown` when it is near enough to be a typo (at most one edit per three
+/// characters), or else the table where a key of that exact name belongs. Only within a
+/// table of declared keys (a service's sub-table `health` is suggested there too): the
+/// top level's table names get toml's message alone.
 pub(crate) fn unknown_key_hint(unknown: &str, accepted: &[&str]) -> Option<String> {
     let limit = (unknown.chars().count() / 3).max(1);
     let declared = |name: &str| {
@@ -344,11 +346,15 @@ pub(crate) fn unknown_key_hint(unknown: &str, accepted: &[&str]) -> Option<Strin
     };
     let typo = accepted
         .iter()
-        .copied()
-        .filter(|name| declared(name))
-        .map(|name| (edit_distance(unknown, name), name))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, _)| *distance);
+        .any(|name| declared(name))
+        .then(|| {
+            accepted
+                .iter()
+                .map(|name| (edit_distance(unknown, name), *name))
+                .filter(|(distance, _)| *distance <= limit)
+                .min_by_key(|(distance, _)| *distance)
+        })
+        .flatten();
     if let Some((_, name)) = typo {
         return Some(format!("did you mean `{name}`?"));
     }

@@ -53,6 +53,10 @@ fn unknown_key_suggests_the_near_key_or_its_table() {
             && e.ends_with("; `consecutive_failures` belongs in [service.health]"),
         "{e}"
     );
+    let e = err(&format!(
+        "{SERVICE}[service.healht]\nmax_ejection = \"1m\"\n"
+    ));
+    assert!(e.ends_with("; did you mean `health`?"), "{e}");
     let e = err(&format!("[global]\ntimeout = \"1s\"\n{SERVICE}"));
     assert!(e.ends_with("; `timeout` belongs in [resolver]"), "{e}");
     // Nothing close: toml's list of valid keys alone.
