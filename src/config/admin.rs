@@ -10,10 +10,11 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 use super::error::Problem;
+use super::keys::GLOBAL;
 use super::raw::Text;
 
 /// Longest unix socket path Linux accepts (`sun_path` holds 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// The bearer token the admin endpoint requires, and the file it came from.
 #[derive(Clone, PartialEq, Eq)]
@@ -63,18 +64,19 @@ impl fmt::Debug for AdminToken {
 
 /// `global.admin_socket`: a path short enough for a unix socket.
 pub(crate) fn socket_path(text: &Text) -> Result<PathBuf, Problem> {
+    let key = GLOBAL.admin_socket.path();
     let path = text.get_ref();
     if path.is_empty() {
         return Err(Problem::at(
             text.span(),
-            "global.admin_socket: empty path; leave the key out for no unix socket",
+            format!("{key}: empty path; leave the key out for no unix socket"),
         ));
     }
     if path.len() > MAX_SOCKET_PATH {
         return Err(Problem::at(
             text.span(),
             format!(
-                "global.admin_socket: the path is {} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}",
+                "{key}: the path is {} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}",
                 path.len()
             ),
         ));
@@ -85,7 +87,7 @@ pub(crate) fn socket_path(text: &Text) -> Result<PathBuf, Problem> {
 /// `global.admin_token_file`: reads the token. The file holds one line of visible ASCII
 /// (a trailing newline is ignored, as `echo` writes it).
 pub(crate) fn token_file(text: &Text) -> Result<AdminToken, Problem> {
-    let key = "global.admin_token_file";
+    let key = GLOBAL.admin_token_file.path();
     let path = PathBuf::from(text.get_ref());
     let fail = |why: String| Problem::at(text.span(), format!("{key}: {why}"));
     if text.get_ref().is_empty() {

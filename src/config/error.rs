@@ -5,6 +5,8 @@
 use std::ops::Range;
 use std::path::PathBuf;
 
+use super::keys;
+
 /// Why a configuration was rejected. `Display` is what `srvlb check` and the reload log print.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,10 +64,14 @@ impl Problem {
     }
 
     /// Keeps toml's own span (unknown keys, wrong types, syntax) and its message, which
-    /// already names the key and, for unknown keys, the valid ones.
+    /// already names the key and, for unknown keys, the valid ones; an unknown key also gets
+    /// a "did you mean" or the table it belongs in.
     pub(crate) fn from_toml(error: &toml::de::Error, prefix: &str) -> Self {
         // toml messages may span several lines; the first is the summary we want.
-        let message = error.message().trim().replace('\n', "; ");
+        let mut message = error.message().trim().replace('\n', "; ");
+        if let Some(hint) = unknown_field_hint(&message) {
+            message = format!("{message}; {hint}");
+        }
         Problem {
             span: error.span(),
             message: format!("{prefix}{message}"),
@@ -89,6 +95,15 @@ impl Problem {
             },
         }
     }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`", a hint from the key
+/// declarations (see [`keys::unknown_key_hint`]).
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let (unknown, rest) = message.strip_prefix("unknown field `")?.split_once('`')?;
+    // The accepted names are every other piece between backticks.
+    let accepted: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    keys::unknown_key_hint(unknown, &accepted)
 }
 
 /// 1-based line and character column of byte `offset` in `text`.

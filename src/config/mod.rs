@@ -2,16 +2,20 @@
 //! column and key. It owns turning text into a checked [`Config`] and printing the plan; it
 //! must not do I/O beyond reading the file (and the admin token file it names), and never
 //! resolves names (SRV names and nameservers are only checked for shape; discovery does the
-//! lookups).
+//! lookups). Each key is declared once, in `keys.rs`; ARCHITECTURE.md says what else a new
+//! key needs.
 
 mod admin;
 mod duration;
 mod error;
+mod keys;
 mod plan;
 mod raw;
 mod validate;
 mod values;
 
+#[cfg(test)]
+mod docs_tests;
 #[cfg(test)]
 mod tests;
 

@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use super::duration::format_duration as dur;
-use super::{AddressFamily, Balance, Config, HashKey, LogFormat, ProxyProtocol, ServiceConfig};
+use super::keys::Keyword as _;
+use super::{AddressFamily, Balance, Config, HashKey, ProxyProtocol, ServiceConfig};
 
 /// Width of the label column; the longest label ("empty answer hold") plus two spaces.
 const LABEL_WIDTH: usize = 19;
@@ -22,56 +23,56 @@ pub(crate) fn render(config: &Config) -> String {
             plural(listeners, "listener")
         ),
     );
+    render_global(&mut out, config);
+    render_resolver(&mut out, config);
+    for service in &config.services {
+        out.push('\n');
+        render_service(&mut out, service, config);
+    }
+    out
+}
 
-    line(&mut out, "\nglobal");
-    let admin = config
-        .global
+fn render_global(out: &mut String, config: &Config) {
+    let global = &config.global;
+    line(out, "\nglobal");
+    let admin = global
         .admin
         .map_or_else(|| "none".to_string(), |a| format!("{a} (metrics, status)"));
-    row(&mut out, "admin", &[admin]);
-    render_admin(&mut out, config);
-    let log_format = match config.global.log_format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
-    row(&mut out, "log format", &[log_format.to_string()]);
-    row(
-        &mut out,
-        "shutdown grace",
-        &[dur(config.global.shutdown_grace)],
-    );
-    let access_log = match &config.global.access_log {
+    row(out, "admin", &[admin]);
+    render_admin(out, config);
+    row(out, "log format", &[global.log_format.word().to_string()]);
+    row(out, "shutdown grace", &[dur(global.shutdown_grace)]);
+    let access_log = match &global.access_log {
         None => "off".to_string(),
         Some(path) => {
-            let format = match config.global.access_log_format {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            };
+            let format = global.access_log_format.word();
             format!("{} ({format}, reopened on SIGUSR1)", path.display())
         }
     };
-    row(&mut out, "access log", &[access_log]);
-    let workers = match config.global.workers {
+    row(out, "access log", &[access_log]);
+    let workers = match global.workers {
         Some(n) => format!("{n} (read at start; a reload keeps the running count)"),
         None => format!(
             "auto: {} on this machine, one per CPU (read at start)",
-            config.global.worker_count()
+            global.worker_count()
         ),
     };
-    row(&mut out, "workers", &[workers]);
+    row(out, "workers", &[workers]);
+}
 
+fn render_resolver(out: &mut String, config: &Config) {
     let resolver = &config.resolver;
-    line(&mut out, "\nresolver");
-    row(&mut out, "nameservers", &[nameservers(config)]);
-    row(&mut out, "timeout", &[dur(resolver.timeout)]);
+    line(out, "\nresolver");
+    row(out, "nameservers", &[nameservers(config)]);
+    row(out, "timeout", &[dur(resolver.timeout)]);
     let family = match resolver.family {
         AddressFamily::Any => "any (A and AAAA of SRV targets)",
         AddressFamily::Ipv4 => "ipv4 (A only; AAAA neither asked for nor tried)",
         AddressFamily::Ipv6 => "ipv6 (AAAA only; A neither asked for nor tried)",
     };
-    row(&mut out, "family", &[family.to_string()]);
+    row(out, "family", &[family.to_string()]);
     row(
-        &mut out,
+        out,
         "refresh",
         &[format!(
             "record TTL, clamped to {}..{} (target addresses on their own TTL; absent names and failing lookups back off up to the maximum)",
@@ -80,91 +81,33 @@ pub(crate) fn render(config: &Config) -> String {
         )],
     );
     row(
-        &mut out,
+        out,
         "empty answer hold",
         &[format!(
             "keep backends {} after NXDOMAIN or an empty answer",
             dur(resolver.empty_hold)
         )],
     );
-
-    for service in &config.services {
-        out.push('\n');
-        render_service(&mut out, service, config);
-    }
-    out
 }
 
+/// One service's rows: where clients come in, where backends come from, how one is
+/// picked and connected, the limits, the PROXY protocol both ways, and health.
 fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
     line(out, &format!("service {:?}", s.name));
     let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
     row(out, "listen", &listen);
-
-    let mut discovery = Vec::new();
-    if let Some(srv) = &s.srv {
-        discovery.push(format!("SRV {srv} via {}", nameservers(config)));
-    }
-    // Beside an SRV name, static backends only stand in when no SRV backend is usable.
-    let role = if s.srv.is_some() {
-        " (last resort)"
-    } else {
-        ""
-    };
-    for backend in &s.static_backends {
-        discovery.push(format!("static {backend}{role}"));
-    }
-    row(out, "discovery", &discovery);
-
+    row(out, "discovery", &discovery(s, config));
     let balance = match (s.balance, s.hash_key) {
         (Balance::Maglev, HashKey::ClientIp) => "maglev, keyed by client IP",
         (Balance::Maglev, HashKey::ClientIpPort) => "maglev, keyed by client IP and port",
         (Balance::P2c, _) => "p2c, the less loaded (per weight) of two random backends",
     };
     row(out, "balance", &[balance.to_string()]);
-    let retries = match s.connect_retries {
-        0 => "no retry".to_string(),
-        1 => "1 retry on another backend".to_string(),
-        n => format!("up to {n} retries on other backends"),
-    };
-    row(
-        out,
-        "connect",
-        &[format!("timeout {}, {retries}", dur(s.connect_timeout))],
-    );
+    row(out, "connect", &[connect(s)]);
     row(out, "idle timeout", &[dur(s.idle_timeout)]);
-    let keepalive = match s.tcp_keepalive {
-        None => "off".to_string(),
-        Some(every) => format!(
-            "probe after {} of silence, every {} after; peer gone after {} unanswered",
-            dur(every),
-            dur(every),
-            super::KEEPALIVE_PROBES
-        ),
-    };
-    row(out, "tcp keepalive", &[keepalive]);
+    row(out, "tcp keepalive", &[keepalive(s)]);
     row(out, "max connections", &[s.max_connections.to_string()]);
-    let per_source = match (s.max_connections_per_source, s.rate_per_source) {
-        (None, None) => "no limit".to_string(),
-        (open, rate) => {
-            let mut parts = Vec::new();
-            if let Some(open) = open {
-                parts.push(format!("{open} open"));
-            }
-            if let Some(r) = rate {
-                parts.push(format!(
-                    "{} new per {} (burst {})",
-                    r.count,
-                    dur(r.per),
-                    r.burst
-                ));
-            }
-            format!(
-                "{} per source (IPv4 address or IPv6 /64); over it, closed at once",
-                parts.join(", ")
-            )
-        }
-    };
-    row(out, "per source", &[per_source]);
+    row(out, "per source", &[per_source(s)]);
     row(out, "source filter", &[source_filter(s)]);
     let proxy = match s.send_proxy {
         None => "off",
@@ -172,22 +115,7 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
         Some(ProxyProtocol::V2) => "v2 (binary)",
     };
     row(out, "send PROXY", &[proxy.to_string()]);
-    let accept = if s.accept_proxy {
-        let from = if s.accept_proxy_from.is_empty() {
-            "from any peer (WARNING: any client can claim any address; set accept_proxy_from)"
-                .to_string()
-        } else {
-            let nets: Vec<String> = s.accept_proxy_from.iter().map(|n| n.to_string()).collect();
-            format!("only from {}", nets.join(", "))
-        };
-        format!(
-            "required (v1 or v2), within {}, {from}; its client address stands for the connection's",
-            dur(s.accept_proxy_timeout)
-        )
-    } else {
-        "off".to_string()
-    };
-    row(out, "accept PROXY", &[accept]);
+    row(out, "accept PROXY", &[accept_proxy(s)]);
     let h = &s.health;
     row(
         out,
@@ -205,6 +133,84 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
             format!("at most {}% of a tier ejected", h.max_ejected_percent),
         ],
     );
+}
+
+/// The SRV name and each static backend, one per line.
+fn discovery(s: &ServiceConfig, config: &Config) -> Vec<String> {
+    let mut discovery = Vec::new();
+    if let Some(srv) = &s.srv {
+        discovery.push(format!("SRV {srv} via {}", nameservers(config)));
+    }
+    // Beside an SRV name, static backends only stand in when no SRV backend is usable.
+    let role = if s.srv.is_some() {
+        " (last resort)"
+    } else {
+        ""
+    };
+    for backend in &s.static_backends {
+        discovery.push(format!("static {backend}{role}"));
+    }
+    discovery
+}
+
+fn connect(s: &ServiceConfig) -> String {
+    let retries = match s.connect_retries {
+        0 => "no retry".to_string(),
+        1 => "1 retry on another backend".to_string(),
+        n => format!("up to {n} retries on other backends"),
+    };
+    format!("timeout {}, {retries}", dur(s.connect_timeout))
+}
+
+fn keepalive(s: &ServiceConfig) -> String {
+    match s.tcp_keepalive {
+        None => "off".to_string(),
+        Some(every) => format!(
+            "probe after {} of silence, every {} after; peer gone after {} unanswered",
+            dur(every),
+            dur(every),
+            super::KEEPALIVE_PROBES
+        ),
+    }
+}
+
+fn per_source(s: &ServiceConfig) -> String {
+    if s.max_connections_per_source.is_none() && s.rate_per_source.is_none() {
+        return "no limit".to_string();
+    }
+    let mut parts = Vec::new();
+    if let Some(open) = s.max_connections_per_source {
+        parts.push(format!("{open} open"));
+    }
+    if let Some(r) = s.rate_per_source {
+        parts.push(format!(
+            "{} new per {} (burst {})",
+            r.count,
+            dur(r.per),
+            r.burst
+        ));
+    }
+    format!(
+        "{} per source (IPv4 address or IPv6 /64); over it, closed at once",
+        parts.join(", ")
+    )
+}
+
+fn accept_proxy(s: &ServiceConfig) -> String {
+    if !s.accept_proxy {
+        return "off".to_string();
+    }
+    let from = if s.accept_proxy_from.is_empty() {
+        "from any peer (WARNING: any client can claim any address; set accept_proxy_from)"
+            .to_string()
+    } else {
+        let nets: Vec<String> = s.accept_proxy_from.iter().map(|n| n.to_string()).collect();
+        format!("only from {}", nets.join(", "))
+    };
+    format!(
+        "required (v1 or v2), within {}, {from}; its client address stands for the connection's",
+        dur(s.accept_proxy_timeout)
+    )
 }
 
 /// The admin endpoint's unix socket and authentication.

@@ -1,8 +1,10 @@
 //! Checks of single values: durations, integers, keywords, addresses, networks and DNS
 //! names. Each returns the typed value or a [`Problem`] pointing at the value as written;
+//! the generic kinds take their bounds and default from the key's declaration (`keys.rs`).
 //! `validate` composes them and adds the rules that relate several values.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -10,18 +12,58 @@ use toml::Spanned;
 
 use super::duration::{DURATION_HINT, format_duration, parse_duration};
 use super::error::Problem;
+use super::keys::{DefaultValue, Key, Keyword, Kind};
 use super::raw::{Scalar, Text, TextList};
 
-pub(crate) fn duration_or(
+/// The value as written, or the key's declared default in its place (at no span: a default
+/// that failed its own check would be a bug, and `defaults_are_applied` pins them all).
+fn given(key: &Key, value: Option<&Spanned<Scalar>>) -> Result<(Scalar, Range<usize>), Problem> {
+    match value {
+        Some(value) => Ok((value.get_ref().clone(), value.span())),
+        None => key
+            .default
+            .scalar()
+            .map(|scalar| (scalar, 0..0))
+            .ok_or_else(|| undeclared(key, "a default")),
+    }
+}
+
+/// A key used with a check its declaration does not provide for: a bug in srvlb, reported
+/// as an error of the file rather than a panic.
+pub(crate) fn undeclared(key: &Key, what: &str) -> Problem {
+    Problem::whole_file(format!(
+        "{}: srvlb's declaration of this key has no {what} (a bug; please report it)",
+        key.path()
+    ))
+}
+
+/// A [`Kind::Duration`] key, written or defaulted.
+pub(crate) fn duration(
+    key: &Key,
     value: Option<&Spanned<Scalar>>,
-    default: Duration,
     p: &str,
-    key: &str,
 ) -> Result<Duration, Problem> {
-    let Some(value) = value else {
-        return Ok(default);
+    let Kind::Duration { positive } = key.kind else {
+        return Err(undeclared(key, "duration kind"));
     };
-    let reason = match value.get_ref() {
+    let (scalar, span) = given(key, value)?;
+    let duration = parse_scalar_duration(&scalar, span.clone(), p, key)?;
+    if positive && duration.is_zero() {
+        return Err(Problem::at(
+            span,
+            format!("{p}{} must be greater than zero", key.path()),
+        ));
+    }
+    Ok(duration)
+}
+
+fn parse_scalar_duration(
+    scalar: &Scalar,
+    span: Range<usize>,
+    p: &str,
+    key: &Key,
+) -> Result<Duration, Problem> {
+    let reason = match scalar {
         Scalar::Text(text) => match parse_duration(text) {
             Ok(duration) => return Ok(duration),
             Err(reason) => reason,
@@ -30,48 +72,59 @@ pub(crate) fn duration_or(
         other => format!("{other} is not a duration"),
     };
     Err(Problem::at(
-        value.span(),
-        format!("{p}{key}: {reason}; {DURATION_HINT}"),
+        span,
+        format!("{p}{}: {reason}; {DURATION_HINT}", key.path()),
     ))
 }
 
-/// A `true`/`false` key.
-pub(crate) fn boolean(
+/// A [`Kind::DurationOrSwitch`] key: `Some(interval)`, or `None` for `false`; `true` is the
+/// declared default.
+pub(crate) fn duration_or_switch(
+    key: &Key,
     value: Option<&Spanned<Scalar>>,
-    default: bool,
     p: &str,
-    key: &str,
-) -> Result<bool, Problem> {
-    match value.map(|v| (v.get_ref(), v.span())) {
-        None => Ok(default),
-        Some((Scalar::Boolean(b), _)) => Ok(*b),
-        Some((other, span)) => Err(Problem::at(
+) -> Result<Option<Duration>, Problem> {
+    let Kind::DurationOrSwitch { min_secs, max_secs } = key.kind else {
+        return Err(undeclared(key, "duration-or-switch kind"));
+    };
+    let (scalar, span) = match value.map(Spanned::get_ref) {
+        Some(Scalar::Boolean(false)) => return Ok(None),
+        None | Some(Scalar::Boolean(true)) => given(key, None)?,
+        Some(_) => given(key, value)?,
+    };
+    let interval = parse_scalar_duration(&scalar, span.clone(), p, key)?;
+    if interval < Duration::from_secs(min_secs) || interval > Duration::from_secs(max_secs) {
+        return Err(Problem::at(
             span,
-            format!("{p}{key}: expected true or false, not {other}"),
-        )),
+            format!(
+                "{p}{}: must be between {min_secs}s and {max_secs}s, or false to turn it off",
+                key.path()
+            ),
+        ));
     }
+    Ok(Some(interval))
 }
 
-pub(crate) fn nonzero(
-    duration: Duration,
+/// A [`Kind::Bool`] key, written or defaulted.
+pub(crate) fn boolean(
+    key: &Key,
     value: Option<&Spanned<Scalar>>,
     p: &str,
-    key: &str,
-) -> Result<(), Problem> {
-    match value {
-        Some(value) if duration.is_zero() => Err(Problem::at(
-            value.span(),
-            format!("{p}{key} must be greater than zero"),
+) -> Result<bool, Problem> {
+    match given(key, value)? {
+        (Scalar::Boolean(b), _) => Ok(b),
+        (other, span) => Err(Problem::at(
+            span,
+            format!("{p}{}: expected true or false, not {other}", key.path()),
         )),
-        _ => Ok(()),
     }
 }
 
 /// Checks `low <= high`; blames `low` when it was written, else `high` (a default cannot be
 /// at fault, and both defaults are ordered).
 pub(crate) fn ordered(
-    low: (&str, Duration, Option<&Spanned<Scalar>>),
-    high: (&str, Duration, Option<&Spanned<Scalar>>),
+    low: (&Key, Duration, Option<&Spanned<Scalar>>),
+    high: (&Key, Duration, Option<&Spanned<Scalar>>),
     p: &str,
 ) -> Result<(), Problem> {
     let (low_key, low_value, low_raw) = low;
@@ -87,55 +140,105 @@ pub(crate) fn ordered(
     Err(Problem::at(
         span,
         format!(
-            "{p}{low_key} ({}) must not be longer than {high_key} ({})",
+            "{p}{} ({}) must not be longer than {} ({})",
+            low_key.path(),
             shown(low_value, low_raw),
+            high_key.path(),
             shown(high_value, high_raw)
         ),
     ))
 }
 
-/// An integer key with a lower bound; the upper bound is the target type's.
+/// A [`Kind::Integer`] key, written or defaulted.
 pub(crate) fn integer<T: TryFrom<i64>>(
+    key: &Key,
     value: Option<&Spanned<i64>>,
-    default: T,
-    min: i64,
     p: &str,
-    key: &str,
 ) -> Result<T, Problem> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
-    let n = *value.get_ref();
-    if n < min {
-        return Err(Problem::at(
-            value.span(),
-            format!("{p}{key} must be at least {min}, not {n}"),
-        ));
+    match (value, &key.default) {
+        (Some(value), _) => bounded(key, *value.get_ref(), value.span(), p),
+        (None, DefaultValue::Integer(n)) => bounded(key, *n, 0..0, p),
+        (None, _) => Err(undeclared(key, "integer default")),
     }
-    T::try_from(n).map_err(|_| Problem::at(value.span(), format!("{p}{key} {n} is too large")))
 }
 
-pub(crate) fn word<T: Copy>(
-    value: &Spanned<Scalar>,
+/// A [`Kind::Integer`] key whose absence means "no limit".
+pub(crate) fn optional_integer<T: TryFrom<i64>>(
+    key: &Key,
+    value: Option<&Spanned<i64>>,
     p: &str,
-    key: &str,
-    choices: &[(&str, T)],
+) -> Result<Option<T>, Problem> {
+    value
+        .map(|value| bounded(key, *value.get_ref(), value.span(), p))
+        .transpose()
+}
+
+/// `n` within the key's declared range and the target type's.
+fn bounded<T: TryFrom<i64>>(key: &Key, n: i64, span: Range<usize>, p: &str) -> Result<T, Problem> {
+    let Kind::Integer { min, max } = key.kind else {
+        return Err(undeclared(key, "integer kind"));
+    };
+    let path = key.path();
+    if n < min {
+        return Err(Problem::at(
+            span,
+            format!("{p}{path} must be at least {min}, not {n}"),
+        ));
+    }
+    if let Some(max) = max.filter(|max| n > *max) {
+        return Err(Problem::at(
+            span,
+            format!("{p}{path} must be at most {max}, not {n}"),
+        ));
+    }
+    T::try_from(n).map_err(|_| Problem::at(span, format!("{p}{path} {n} is too large")))
+}
+
+/// A [`Kind::Words`] key, written or defaulted.
+pub(crate) fn keyword<T: Keyword>(
+    key: &Key,
+    value: Option<&Spanned<Scalar>>,
+    p: &str,
 ) -> Result<T, Problem> {
-    if let Scalar::Text(text) = value.get_ref() {
-        if let Some((_, choice)) = choices.iter().find(|(w, _)| w == text) {
-            return Ok(*choice);
+    let (scalar, span) = given(key, value)?;
+    word(key, &scalar, span, p)
+}
+
+/// A [`Kind::Words`] key whose absence means "off".
+pub(crate) fn optional_keyword<T: Keyword>(
+    key: &Key,
+    value: Option<&Spanned<Scalar>>,
+    p: &str,
+) -> Result<Option<T>, Problem> {
+    value
+        .map(|value| word(key, value.get_ref(), value.span(), p))
+        .transpose()
+}
+
+fn word<T: Keyword>(key: &Key, scalar: &Scalar, span: Range<usize>, p: &str) -> Result<T, Problem> {
+    if let Scalar::Text(text) = scalar {
+        if let Some(i) = T::WORDS.iter().position(|w| w == text) {
+            return T::VALUES
+                .get(i)
+                .copied()
+                .ok_or_else(|| undeclared(key, "value for a word"));
         }
     }
-    let quoted: Vec<String> = choices.iter().map(|(w, _)| format!("{w:?}")).collect();
-    let allowed = match quoted.split_last() {
+    let allowed = either(T::WORDS.iter().map(|w| format!("{w:?}")));
+    Err(Problem::at(
+        span,
+        format!("{p}{} must be {allowed}, not {scalar}", key.path()),
+    ))
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`: the choices as a sentence says them.
+pub(crate) fn either(choices: impl IntoIterator<Item = String>) -> String {
+    let choices: Vec<String> = choices.into_iter().collect();
+    match choices.split_last() {
         Some((last, [])) => last.clone(),
         Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
         None => String::new(),
-    };
-    Err(Problem::at(
-        value.span(),
-        format!("{p}{key} must be {allowed}, not {}", value.get_ref()),
-    ))
+    }
 }
 
 /// Parses a list of backend or listener addresses, rejecting repeats within the list.
@@ -175,8 +278,9 @@ pub(crate) fn socket_addr(text: &Text, p: &str, what: &str) -> Result<SocketAddr
     Err(Problem::at(text.span(), message))
 }
 
-/// A nameserver: "ip:port", "[v6]:port", or a bare "ip" / "[v6]" meaning port 53.
-pub(crate) fn nameserver(text: &Text) -> Result<SocketAddr, Problem> {
+/// A nameserver of `key` ([`Kind::Nameservers`]): "ip:port", "[v6]:port", or a bare "ip" /
+/// "[v6]" meaning port 53.
+pub(crate) fn nameserver(key: &Key, text: &Text) -> Result<SocketAddr, Problem> {
     let value = text.get_ref().as_str();
     if let Ok(addr) = value.parse::<SocketAddr>() {
         if addr.port() != 0 {
@@ -193,13 +297,16 @@ pub(crate) fn nameserver(text: &Text) -> Result<SocketAddr, Problem> {
     Err(Problem::at(
         text.span(),
         format!(
-            "resolver.nameservers: {value:?} is not an IP address or IP:port (like \"127.0.0.1:8600\"; \
-             port 53 if omitted, and no host names)"
+            "{}: {value:?} is not an IP address or IP:port (like \"127.0.0.1:8600\"; \
+             port 53 if omitted, and no host names)",
+            key.path()
         ),
     ))
 }
 
-pub(crate) fn networks(list: Option<&[Text]>, p: &str, key: &str) -> Result<Vec<IpNet>, Problem> {
+/// A [`Kind::Networks`] key (absent: empty).
+pub(crate) fn networks(key: &Key, list: Option<&[Text]>, p: &str) -> Result<Vec<IpNet>, Problem> {
+    let key = key.path();
     let mut out = Vec::new();
     for text in list.unwrap_or_default() {
         let value = text.get_ref().as_str();
