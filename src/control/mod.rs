@@ -1,27 +1,29 @@
 //! Runs the process: binds listeners and starts services from a `Config`, applies a new
 //! configuration on SIGHUP (bind new, swap, close removed; refuse a bad one as a whole),
 //! drains on SIGTERM/SIGINT, and keeps systemd informed through sd_notify. It owns the
-//! lifecycle; it never touches bytes or selection.
+//! lifecycle; it never touches bytes or selection. `Server` (here) is what runs and how a
+//! configuration is applied; `run.rs` is the signal loop and sd_notify around it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sd_notify::NotifyState;
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::access_log;
 use crate::admin::{Admin, AdminSocket, AdminState};
 use crate::config::{Config, ConfigError, ResolverConfig, ServiceConfig};
 use crate::discovery::{DiscoveryError, Resolver};
 use crate::fd_budget::FdBudget;
-use crate::proxy::LogThrottle;
 use crate::proxy::listener::{Bound, ConnectionTracker, Listener};
 use crate::service::{ConnectionLimit, Service};
 use crate::workers::Workers;
+
+mod run;
+
+pub use run::run;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -71,6 +73,18 @@ pub struct Server {
     /// The data-path threads every listener accepts on. Declared last: dropped after the
     /// listeners, it stops the threads once nothing accepts on them any more.
     workers: Workers,
+}
+
+/// What step 1 of `Server::apply` made ready: bound but not yet serving.
+struct Prepared {
+    /// The sockets of addresses that were not open before.
+    listeners: HashMap<SocketAddr, Bound>,
+    /// A new admin listener, when `[global] admin` names a new address.
+    admin: Option<Admin>,
+    /// A new admin socket, when `[global] admin_socket` names a new path.
+    admin_socket: Option<AdminSocket>,
+    /// The resolver was rebuilt: services keep their pools only with the one they used.
+    resolver_changed: bool,
 }
 
 impl Server {
@@ -146,6 +160,61 @@ impl Server {
     /// on until they end.
     pub async fn apply(&mut self, next: Config) -> Result<(), ControlError> {
         // 1. Everything fallible. Failing here drops what was bound and changes nothing.
+        let prepared = self.prepare(&next)?;
+        // 2. Services, each with its first lookup done or given up on.
+        let services = self.start_services(&next, prepared.resolver_changed).await;
+        // The descriptor cap, in force before the new listeners accept their first client.
+        self.apply_fd_budget(&next);
+        // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
+        let listeners = self.attach_listeners(&next, &services, prepared.listeners);
+        // 4. Only now close what is gone; its connections drain on their own.
+        self.close_removed_listeners(listeners).await;
+        self.retire_replaced(services);
+        self.swap_admin(prepared.admin, &next);
+        self.swap_admin_socket(prepared.admin_socket, &next);
+        self.publish_admin_state(&next);
+        self.warn_if_workers_changed(&next);
+        self.config = next;
+        Ok(())
+    }
+
+    /// Step 1 of `apply`: binds what `next` adds (listen addresses, the admin listener and
+    /// socket), builds a changed resolver and opens a changed access log. Only the last
+    /// step changes the running process (the access log, then the resolver), and nothing
+    /// after it can fail.
+    fn prepare(&mut self, next: &Config) -> Result<Prepared, ControlError> {
+        let listeners = self.bind_new_listeners(next)?;
+        let admin = self.bind_admin(next)?;
+        let admin_socket = self.bind_admin_socket(next)?;
+        let new_resolver = self.changed_resolver(next)?;
+        let resolver_changed = new_resolver.is_some();
+        // The last fallible step: a new access log path that cannot be opened refuses the
+        // reload; once it is open, nothing below can fail, so the new resolver is kept only
+        // from here on.
+        if next.global.access_log != self.config.global.access_log
+            || next.global.access_log_format != self.config.global.access_log_format
+        {
+            access_log::configure(
+                next.global.access_log.as_deref(),
+                next.global.access_log_format,
+            )?;
+        }
+        if let Some(resolver) = new_resolver {
+            self.resolver = resolver;
+        }
+        Ok(Prepared {
+            listeners,
+            admin,
+            admin_socket,
+            resolver_changed,
+        })
+    }
+
+    /// The sockets of every address in `next` that is not open yet, bound (fallible step).
+    fn bind_new_listeners(
+        &self,
+        next: &Config,
+    ) -> Result<HashMap<SocketAddr, Bound>, ControlError> {
         let mut fresh: HashMap<SocketAddr, Bound> = HashMap::new();
         for service in &next.services {
             for addr in &service.listen {
@@ -165,38 +234,32 @@ impl Server {
                 fresh.insert(*addr, bound);
             }
         }
-        let admin = match next.global.admin {
-            Some(addr) if self.admin.as_ref().map(|a| a.addr()) != Some(addr) => Some(
+        Ok(fresh)
+    }
+
+    /// The admin TCP listener `next` asks for, bound now when its address is new (fallible
+    /// step).
+    fn bind_admin(&self, next: &Config) -> Result<Option<Admin>, ControlError> {
+        match next.global.admin {
+            Some(addr) if self.admin.as_ref().map(|a| a.addr()) != Some(addr) => {
                 Admin::bind(addr, Arc::clone(&self.admin_state))
-                    .map_err(|source| ControlError::Admin { addr, source })?,
-            ),
-            _ => None,
-        };
-        let admin_socket = self.bind_admin_socket(&next)?;
-        let new_resolver = self.changed_resolver(&next)?;
-        let resolver_changed = new_resolver.is_some();
-        // The last fallible step: a new access log path that cannot be opened refuses the
-        // reload; once it is open, nothing below can fail, so the new resolver is kept only
-        // from here on.
-        if next.global.access_log != self.config.global.access_log
-            || next.global.access_log_format != self.config.global.access_log_format
-        {
-            access_log::configure(
-                next.global.access_log.as_deref(),
-                next.global.access_log_format,
-            )?;
+                    .map(Some)
+                    .map_err(|source| ControlError::Admin { addr, source })
+            }
+            _ => Ok(None),
         }
-        if let Some(resolver) = new_resolver {
-            self.resolver = resolver;
-        }
+    }
 
-        // 2. Services, each with its first lookup done or given up on.
-        let services = self.start_services(&next, resolver_changed).await;
-
-        // The descriptor cap, in force before the new listeners accept their first client.
-        self.apply_fd_budget(&next);
-
-        // 3. Listeners: existing sockets feed the (possibly new) service; new ones start.
+    /// Step 3 of `apply`: the listeners of `next`, each feeding its service. A listener
+    /// whose address stays is taken out of `self.listeners` and switched to the (possibly
+    /// new) service; a freshly bound one starts accepting. What stays in `self.listeners`
+    /// afterwards is what `next` removed.
+    fn attach_listeners(
+        &mut self,
+        next: &Config,
+        services: &HashMap<String, Arc<Service>>,
+        mut fresh: HashMap<SocketAddr, Bound>,
+    ) -> HashMap<SocketAddr, Listener> {
         let mut listeners = HashMap::new();
         for cfg in &next.services {
             let Some(service) = services.get(&cfg.name) else {
@@ -217,15 +280,21 @@ impl Server {
                 listeners.insert(*addr, listener);
             }
         }
+        listeners
+    }
 
-        // 4. Only now close what is gone; its connections drain on their own.
+    /// Step 4 of `apply`: puts `listeners` in place and closes the ones they replace (those
+    /// `attach_listeners` left behind); their connections drain on their own.
+    async fn close_removed_listeners(&mut self, listeners: HashMap<SocketAddr, Listener>) {
         for (addr, old) in std::mem::replace(&mut self.listeners, listeners) {
             info!(listen = %addr, service = %old.service().name, "listener removed");
             old.close().await;
         }
-        self.retire_replaced(services);
-        self.swap_admin(admin, &next);
-        self.swap_admin_socket(admin_socket, &next);
+    }
+
+    /// Hands the admin endpoint what it shows after a swap: the token, the services and the
+    /// listeners.
+    fn publish_admin_state(&self, next: &Config) {
         self.admin_state.set_token(next.global.admin_token.clone());
         self.admin_state
             .set_services(self.services.values().cloned().collect());
@@ -235,6 +304,10 @@ impl Server {
                 .map(|l| Arc::clone(l.status()))
                 .collect(),
         );
+    }
+
+    /// The worker threads are started once; a reload that asks for another count is told so.
+    fn warn_if_workers_changed(&self, next: &Config) {
         let asked = next.global.worker_count().get();
         if asked != self.workers.count() {
             warn!(
@@ -243,8 +316,6 @@ impl Server {
                 "global.workers is read at start: the running workers stay until a restart"
             );
         }
-        self.config = next;
-        Ok(())
     }
 
     /// The resolver a reload needs, built only when `next` changes it. Only the servers, the
@@ -469,126 +540,4 @@ fn first_lookup_budget(resolver: &ResolverConfig) -> Duration {
         .timeout
         .saturating_mul(3)
         .min(Duration::from_secs(10))
-}
-
-/// Sends a state to systemd; a no-op when NOTIFY_SOCKET is unset.
-fn notify(states: &[NotifyState]) {
-    // A socket that went away would otherwise log on every watchdog tick.
-    static FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(60));
-    if let Err(e) = sd_notify::notify(states) {
-        if FAILURE_LOG.allow() {
-            warn!(error = %e, "sd_notify failed");
-        }
-    }
-}
-
-/// The STATUS= line: what runs and how the last reload went. One line, because the notify
-/// protocol is newline-separated and a multi-line error would be cut into bogus fields.
-fn status_line(server: &Server) -> String {
-    let line = format!(
-        "{}; {}",
-        server.summary(),
-        server.admin_state().last_reload()
-    );
-    line.replace(['\n', '\r'], " ")
-}
-
-/// Runs srvlb until SIGTERM or SIGINT: the body of `srvlb run`.
-pub async fn run(config_path: PathBuf, config: Config) -> Result<(), ControlError> {
-    // Installed before anything else: SIGHUP's default action would kill the process, and a
-    // HUP that arrives while starting is then delivered as a reload once the loop runs.
-    let mut hangup = signal(SignalKind::hangup()).map_err(ControlError::Signals)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(ControlError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(ControlError::Signals)?;
-    let mut user1 = signal(SignalKind::user_defined1()).map_err(ControlError::Signals)?;
-    let mut server = match Server::start(config).await {
-        Ok(server) => server,
-        Err(e) => {
-            let status = format!("failed to start: {e}").replace(['\n', '\r'], " ");
-            notify(&[NotifyState::Status(&status)]);
-            return Err(e);
-        }
-    };
-    info!(summary = %server.summary(), "srvlb ready");
-    // Server::start returned: every listener is bound and accepting.
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(&server)),
-    ]);
-
-    let watchdog = sd_notify::watchdog_enabled();
-    let mut watchdog_tick = tokio::time::interval(
-        watchdog
-            .map(|d| d / 2)
-            .unwrap_or(Duration::from_secs(3600))
-            .max(Duration::from_millis(100)),
-    );
-    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
-
-    // A reload runs inside this loop, so HUPs that arrive meanwhile are not lost: tokio keeps
-    // one pending notification for them and the next iteration reloads again, reading the file
-    // as it is then. Several pending HUPs coalesce into that one reload.
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => reload(&mut server, &config_path).await,
-            // logrotate has moved the access log away: write to a new file at its path.
-            _ = user1.recv() => access_log::reopen(),
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
-            _ = status_tick.tick() => notify(&[NotifyState::Status(&status_line(&server))]),
-        }
-    }
-    let grace = server.config.global.shutdown_grace;
-    info!(connections = server.tracker().open(), "shutting down");
-    notify(&[
-        NotifyState::Stopping,
-        NotifyState::Status("stopping: draining connections"),
-    ]);
-    // A second SIGTERM/SIGINT (`systemctl stop` again, Ctrl-C twice) means "stop now": the
-    // operator has chosen to cut what is left rather than wait out the grace period. The
-    // drain is abandoned; returning ends the runtime, which closes every connection.
-    let tracker = server.tracker().clone();
-    tokio::select! {
-        () = server.shutdown(grace) => info!("srvlb stopped"),
-        _ = terminate.recv() => {
-            warn!("second stop signal (SIGTERM): closing the remaining connections now");
-            cut_connections(&tracker).await;
-        }
-        _ = interrupt.recv() => {
-            warn!("second stop signal (SIGINT): closing the remaining connections now");
-            cut_connections(&tracker).await;
-        }
-    }
-    Ok(())
-}
-
-/// One SIGHUP: read, validate, apply; on any error the running configuration stays.
-async fn reload(server: &mut Server, path: &Path) {
-    let mut states = vec![NotifyState::Reloading];
-    // Type=notify-reload needs MONOTONIC_USEC with RELOADING=1 to match the reload it asked for.
-    match NotifyState::monotonic_usec_now() {
-        Ok(now) => states.push(now),
-        Err(e) => warn!(error = %e, "cannot read CLOCK_MONOTONIC for MONOTONIC_USEC"),
-    }
-    notify(&states);
-    let result = match Config::load(path) {
-        Ok(next) => server.apply(next).await,
-        Err(e) => Err(ControlError::Config(e)),
-    };
-    match result {
-        Ok(()) => {
-            info!(summary = %server.summary(), "configuration reloaded");
-            server.admin_state().record_reload(true, "ok".to_owned());
-        }
-        Err(e) => {
-            // `error` is exactly what `srvlb check` prints for the same file.
-            error!(error = %e, "reload refused; the previous configuration keeps serving");
-            server.admin_state().record_reload(false, e.to_string());
-        }
-    }
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(server)),
-    ]);
 }
