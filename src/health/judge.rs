@@ -83,27 +83,50 @@ pub(crate) fn record_failure(
     backend: &Arc<Backend>,
     why: &str,
 ) {
+    let (verdict, address_unused) = count_and_maybe_eject(service, config, backend);
+    log_verdict(service, backend, why, verdict, address_unused);
+}
+
+/// The health arithmetic of one failure: counted, and at the threshold an ejection under
+/// the tier's cap. Also says whether another address of the same target is usable (then an
+/// ejection only leaves this address unused).
+fn count_and_maybe_eject(
+    service: &Service,
+    config: &ServiceConfig,
+    backend: &Arc<Backend>,
+) -> (FailureVerdict, bool) {
     let policy = &config.health;
     let count = backend.health.count_failure(now_ms(), policy);
-    let mut address_unused = false;
-    let verdict = if count.ejection_due {
-        // Held across the cap check and the ejection so that concurrent failures of
-        // different backends cannot together exceed max_ejected_percent. Taken only at the
-        // threshold: failures below it touch nothing shared but the backend's own atomics.
-        // The cap is checked against the pool as it is now, not as the connection found it.
-        let _gate = service.pool.ejection_gate();
-        let snapshot = service.pool.snapshot();
-        let now = now_ms();
-        let tier = snapshot.tier_of(backend);
-        address_unused = tier.is_some_and(|tier| sibling_usable(tier, backend, now));
-        backend.health.try_eject(now, policy, || {
-            tier.is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
-        })
-    } else {
-        FailureVerdict::Counted {
+    if !count.ejection_due {
+        let verdict = FailureVerdict::Counted {
             consecutive: count.consecutive,
-        }
-    };
+        };
+        return (verdict, false);
+    }
+    // Held across the cap check and the ejection so that concurrent failures of
+    // different backends cannot together exceed max_ejected_percent. Taken only at the
+    // threshold: failures below it touch nothing shared but the backend's own atomics.
+    // The cap is checked against the pool as it is now, not as the connection found it.
+    let _gate = service.pool.ejection_gate();
+    let snapshot = service.pool.snapshot();
+    let now = now_ms();
+    let tier = snapshot.tier_of(backend);
+    let address_unused = tier.is_some_and(|tier| sibling_usable(tier, backend, now));
+    let verdict = backend.health.try_eject(now, policy, || {
+        tier.is_some_and(|tier| tier.may_eject_one(now, policy.max_ejected_percent))
+    });
+    (verdict, address_unused)
+}
+
+/// The log line of a failure's verdict (ejections are throttled; a count below the
+/// threshold logs nothing here).
+fn log_verdict(
+    service: &Service,
+    backend: &Backend,
+    why: &str,
+    verdict: FailureVerdict,
+    address_unused: bool,
+) {
     match verdict {
         // One address of a target failing while another works (an AAAA record on a host
         // without IPv6 reachability, say) is not a broken backend: the target keeps serving,

@@ -91,13 +91,12 @@ pub(super) async fn connect_any(
                     .ok_or(NoBackend::Exhausted)?,
             )
         };
-        let backend = &active.0;
         attempts += 1;
         if attempts > 1 {
             service.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
         let connect_started = std::time::Instant::now();
-        let e = match connect(backend.addr(), config.connect_timeout).await {
+        let e = match connect(active.backend().addr(), config.connect_timeout).await {
             Ok(stream) => {
                 active.connected();
                 service
@@ -113,6 +112,41 @@ pub(super) async fn connect_any(
             }
             Err(e) => e,
         };
+        // The guard lives on until the failure is counted, as the connect's would have.
+        let failed = FailedConnect {
+            service,
+            config,
+            backend: active.backend(),
+            peer,
+            attempts,
+        };
+        failed.report(&e)?;
+    }
+    Err(NoBackend::Exhausted)
+}
+
+/// One failed connect of `connect_any`, to log and to blame.
+struct FailedConnect<'a> {
+    service: &'a Service,
+    config: &'a ServiceConfig,
+    backend: &'a Arc<Backend>,
+    peer: SocketAddr,
+    /// Connects tried, this one included.
+    attempts: u32,
+}
+
+impl FailedConnect<'_> {
+    /// Logs the failure and counts it against the backend when it is the backend's fault.
+    /// `Err(NoBackend::Local)` when this host is out of resources: then no other backend is
+    /// to be tried.
+    fn report(&self, e: &ConnectError) -> Result<(), NoBackend> {
+        let FailedConnect {
+            service,
+            config,
+            backend,
+            peer,
+            attempts,
+        } = *self;
         if e.blame == Blame::Local {
             // Every other backend would fail the same way, and none of them is at fault:
             // trying them would only spread wrong failure counts across the pool.
@@ -154,8 +188,8 @@ pub(super) async fn connect_any(
                 .fetch_add(1, Ordering::Relaxed);
             judge::record_failure(service, config, backend, &why);
         }
+        Ok(())
     }
-    Err(NoBackend::Exhausted)
 }
 
 /// Whose fault a failed connect is.

@@ -106,7 +106,6 @@ pub fn serve_client(
         else {
             return;
         };
-        let backend = connected.backend.backend();
         // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
         // only means the connection is already gone; the transfer will report that.
         let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
@@ -125,36 +124,50 @@ pub fn serve_client(
                 Transfer::failed_before_data(e.kind())
             }
         };
-        judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
-        service.stats.histograms.observe_connection(
-            started.elapsed(),
-            transfer.client_to_backend,
-            transfer.backend_to_client,
-        );
-        let reason = transfer.end.label();
-        access(
-            &service,
-            peer,
-            Some(backend),
-            connected.attempts,
-            (transfer.client_to_backend, transfer.backend_to_client),
-            started,
-            &reason,
-        );
-        info!(
-            service = %service.name,
-            client = %peer,
-            backend = %backend.addr(),
-            target = %backend.key.target,
-            attempts = connected.attempts,
-            bytes_in = transfer.client_to_backend,
-            bytes_out = transfer.backend_to_client,
-            duration_ms = started.elapsed().as_millis() as u64,
-            reason = %reason,
-            reset_pending = transfer.cut_pending,
-            "connection closed"
-        );
+        finish(&service, &config, peer, &connected, &transfer, started);
     }
+}
+
+/// The last stage: the health verdict on the backend, the service's histograms, the access
+/// log record and the connection's log line.
+fn finish(
+    service: &Service,
+    config: &ServiceConfig,
+    peer: SocketAddr,
+    connected: &Connected,
+    transfer: &Transfer,
+    started: Instant,
+) {
+    let backend = connected.backend.backend();
+    judge::judge_transfer(service, config, backend, connected.at, transfer);
+    service.stats.histograms.observe_connection(
+        started.elapsed(),
+        transfer.client_to_backend,
+        transfer.backend_to_client,
+    );
+    let reason = transfer.end.label();
+    access(
+        service,
+        peer,
+        Some(backend),
+        connected.attempts,
+        (transfer.client_to_backend, transfer.backend_to_client),
+        started,
+        &reason,
+    );
+    info!(
+        service = %service.name,
+        client = %peer,
+        backend = %backend.addr(),
+        target = %backend.key.target,
+        attempts = connected.attempts,
+        bytes_in = transfer.client_to_backend,
+        bytes_out = transfer.backend_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason = %reason,
+        reset_pending = transfer.cut_pending,
+        "connection closed"
+    );
 }
 
 static PROXY_HEADER_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
