@@ -369,4 +369,6 @@ pub(crate) fn sibling_usable(tier: &Tier, backend: &Arc<Backend>, now: u64) -> b
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
