@@ -27,19 +27,19 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// One client connection, as the access log shows it.
 #[derive(Debug, Clone)]
-pub struct AccessRecord {
+pub(crate) struct AccessRecord {
     /// When the connection ended.
-    pub at: SystemTime,
-    pub service: Arc<str>,
-    pub client: SocketAddr,
+    pub(crate) at: SystemTime,
+    pub(crate) service: Arc<str>,
+    pub(crate) client: SocketAddr,
     /// The backend's address and SRV target, when one was connected.
-    pub backend: Option<(SocketAddr, Arc<str>)>,
-    pub attempts: u32,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub duration_ms: u64,
+    pub(crate) backend: Option<(SocketAddr, Arc<str>)>,
+    pub(crate) attempts: u32,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) duration_ms: u64,
     /// The same word as the `reason` of the "connection closed" log line.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The running access log: the channel to its writer thread.
@@ -56,9 +56,9 @@ static TARGET: Mutex<Option<(PathBuf, LogFormat)>> = Mutex::new(None);
 static REOPEN: AtomicBool = AtomicBool::new(false);
 static WRITER: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
 /// Records dropped because the writer's queue was full.
-pub static DROPPED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Records written.
-pub static WRITTEN: AtomicU64 = AtomicU64::new(0);
+pub(crate) static WRITTEN: AtomicU64 = AtomicU64::new(0);
 
 /// Why the access log could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +70,12 @@ pub enum AccessLogError {
 }
 
 /// True when an access log is configured: callers skip building records otherwise.
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     SINK.load().is_some()
 }
 
 /// Hands a record to the writer; never blocks.
-pub fn record(record: AccessRecord) {
+pub(crate) fn record(record: AccessRecord) {
     let sink = SINK.load();
     let Some(sink) = sink.as_ref() else {
         return;
@@ -90,7 +90,7 @@ pub fn record(record: AccessRecord) {
 /// Applies the configured access log: starts the writer (opening `path` first, so a bad path
 /// fails here, at start or reload, with a clear error), points a running writer at a new
 /// path or format, or stops it when `path` is `None`.
-pub fn configure(path: Option<&Path>, format: LogFormat) -> Result<(), AccessLogError> {
+pub(crate) fn configure(path: Option<&Path>, format: LogFormat) -> Result<(), AccessLogError> {
     let Some(path) = path else {
         finish();
         return Ok(());
@@ -118,7 +118,7 @@ pub fn configure(path: Option<&Path>, format: LogFormat) -> Result<(), AccessLog
 }
 
 /// Reopens the file at its path (SIGUSR1: logrotate moved the old one away).
-pub fn reopen() {
+pub(crate) fn reopen() {
     REOPEN.store(true, Ordering::Release);
 }
 
@@ -208,7 +208,7 @@ impl Writer {
 }
 
 /// Appends `record` as one line: `key=value` pairs (text) or one JSON object.
-pub fn format_record(record: &AccessRecord, format: LogFormat, out: &mut String) {
+pub(crate) fn format_record(record: &AccessRecord, format: LogFormat, out: &mut String) {
     use std::fmt::Write as _;
     let at = humantime::format_rfc3339_millis(record.at);
     let (backend, target) = match &record.backend {

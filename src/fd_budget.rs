@@ -8,7 +8,7 @@
 use std::fmt;
 
 /// Descriptors one proxied connection holds: the client's socket and the backend's.
-pub const PER_CONNECTION: u64 = 2;
+pub(crate) const PER_CONNECTION: u64 = 2;
 
 /// The process itself: stdio, the runtime's epoll and eventfd, signal handling, the config
 /// file read on reload, /proc files read by the admin endpoint, a log file.
@@ -18,7 +18,7 @@ const DNS: u64 = 16;
 /// Idle splice pipes the pool keeps (two descriptors each), see `proxy::splice::POOL_MAX`.
 const PIPE_POOL: u64 = 2 * 32;
 /// Admin connections served at once, at most (fewer under a small limit, see `admin_slots`).
-pub const MAX_ADMIN_SLOTS: usize = 64;
+pub(crate) const MAX_ADMIN_SLOTS: usize = 64;
 /// And at least.
 const MIN_ADMIN_SLOTS: usize = 4;
 
@@ -26,13 +26,13 @@ const MIN_ADMIN_SLOTS: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdBudget {
     /// The soft RLIMIT_NOFILE; `None` when unlimited.
-    pub limit: Option<u64>,
+    pub(crate) limit: Option<u64>,
     /// Descriptors kept free of proxied connections.
-    pub reserve: u64,
+    pub(crate) reserve: u64,
     /// Proxied connections allowed at once, across every service.
     pub connection_cap: usize,
     /// Admin connections served at once; part of the reserve.
-    pub admin_slots: usize,
+    pub(crate) admin_slots: usize,
 }
 
 impl FdBudget {
@@ -48,7 +48,7 @@ impl FdBudget {
     /// (16) + the splice pipe pool (64, less under a small limit) + 1 % of the limit for
     /// pipes in flight. The admin slots scale with the limit (limit / 16, between 4 and 64),
     /// so that a small limit still leaves room for proxied connections.
-    pub fn for_limit(limit: Option<u64>, listeners: usize) -> FdBudget {
+    pub(crate) fn for_limit(limit: Option<u64>, listeners: usize) -> FdBudget {
         let Some(limit) = limit else {
             return FdBudget {
                 limit: None,
@@ -82,7 +82,7 @@ impl FdBudget {
     }
 
     /// True when the limit is too small to leave the reserve free even at one connection.
-    pub fn is_starved(&self) -> bool {
+    pub(crate) fn is_starved(&self) -> bool {
         self.limit
             .is_some_and(|l| l < self.reserve + PER_CONNECTION)
     }
@@ -110,14 +110,14 @@ impl fmt::Display for FdBudget {
 }
 
 /// The soft RLIMIT_NOFILE of this process; `None` when unlimited.
-pub fn nofile_limit() -> Option<u64> {
+pub(crate) fn nofile_limit() -> Option<u64> {
     use rustix::process::{Resource, getrlimit};
     getrlimit(Resource::Nofile).current
 }
 
 /// Descriptors this process has open now (Linux: entries of /proc/self/fd, less the one the
 /// count itself uses); `None` where that cannot be read.
-pub fn open_fds() -> Option<u64> {
+pub(crate) fn open_fds() -> Option<u64> {
     let entries = std::fs::read_dir("/proc/self/fd").ok()?;
     let n = entries.count() as u64;
     Some(n.saturating_sub(1))

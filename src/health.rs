@@ -23,7 +23,7 @@ pub fn now_ms() -> u64 {
 
 /// What happened when a failure was recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureVerdict {
+pub(crate) enum FailureVerdict {
     /// Below the threshold, or already ejected: nothing changes for the selector.
     Counted { consecutive: u32 },
     /// The backend is now ejected for `duration`.
@@ -39,16 +39,16 @@ pub enum FailureVerdict {
 
 /// A failure as counted by `Health::count_failure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailureCount {
-    pub consecutive: u32,
+pub(crate) struct FailureCount {
+    pub(crate) consecutive: u32,
     /// The threshold is reached and the backend is not ejected yet: call `try_eject`.
-    pub ejection_due: bool,
+    pub(crate) ejection_due: bool,
 }
 
 /// Health state of one backend. All fields are atomics: the proxy records outcomes from many
 /// connection tasks at once and the selector reads availability without locking.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     consecutive_failures: AtomicU32,
     /// Deadline (in `now_ms` units) before which the backend takes no traffic; 0 = not ejected.
     ejected_until: AtomicU64,
@@ -71,48 +71,44 @@ pub struct Health {
 
 /// A success that ended an ejection: the backend is taking traffic again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Readmission {
+pub(crate) struct Readmission {
     /// From the start of the ejection to the success that ended it.
-    pub out_ms: u64,
+    pub(crate) out_ms: u64,
     /// True when the success came from a connection made during the ejection window (the
     /// "every backend is failing" fallback) and therefore ended the ejection before its time.
-    pub early: bool,
+    pub(crate) early: bool,
 }
 
 impl Health {
     /// True unless the backend is inside an ejection window.
-    pub fn is_available(&self, now: u64) -> bool {
+    pub(crate) fn is_available(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) <= now
     }
 
     /// The ejection deadline if the backend is currently ejected.
-    pub fn ejected_until(&self, now: u64) -> Option<u64> {
+    pub(crate) fn ejected_until(&self, now: u64) -> Option<u64> {
         let until = self.ejected_until.load(Ordering::Relaxed);
         (until > now).then_some(until)
     }
 
-    pub fn consecutive_failures(&self) -> u32 {
+    pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
-    pub fn last_failure(&self) -> u64 {
+    pub(crate) fn last_failure(&self) -> u64 {
         self.last_failure.load(Ordering::Relaxed)
     }
 
-    pub fn total_ejections(&self) -> u64 {
+    pub(crate) fn total_ejections(&self) -> u64 {
         self.total_ejections.load(Ordering::Relaxed)
     }
 
-    pub fn streak(&self) -> u32 {
-        self.streak.load(Ordering::Relaxed)
-    }
-
     /// True while the backend failed past the threshold but the ejection cap kept it in.
-    pub fn is_held(&self, now: u64) -> bool {
+    pub(crate) fn is_held(&self, now: u64) -> bool {
         self.held_until.load(Ordering::Relaxed) > now
     }
 
-    pub fn total_readmissions(&self) -> u64 {
+    pub(crate) fn total_readmissions(&self) -> u64 {
         self.total_readmissions.load(Ordering::Relaxed)
     }
 
@@ -126,7 +122,7 @@ impl Health {
     /// after the ejection decides". A connection made during the ejection (the selector's
     /// fallback when everything is failing) proves the backend is back, so it ends the
     /// ejection at once instead of letting clients wait for the deadline.
-    pub fn record_success(&self, connected_at: u64, now: u64) -> Option<Readmission> {
+    pub(crate) fn record_success(&self, connected_at: u64, now: u64) -> Option<Readmission> {
         // The common path (nothing ever failed) only reads: no cache line is dirtied.
         if self.consecutive_failures.load(Ordering::Relaxed) == 0
             && !self.readmission_pending.load(Ordering::Relaxed)
@@ -193,7 +189,7 @@ impl Health {
     /// The lock-free half of recording a failure: counts the failure and says whether an
     /// ejection is due. Most failures stop here, so the proxy takes its ejection lock (and
     /// scans the tier for the cap) only when this says so.
-    pub fn count_failure(&self, now: u64, policy: &HealthConfig) -> FailureCount {
+    pub(crate) fn count_failure(&self, now: u64, policy: &HealthConfig) -> FailureCount {
         self.last_failure.store(now, Ordering::Relaxed);
         let consecutive = self
             .consecutive_failures
@@ -209,7 +205,7 @@ impl Health {
     /// Callers that must keep `max_ejected_percent` across backends hold their lock around
     /// this call; the count is checked again because a success (or another task's
     /// ejection) may have come in between.
-    pub fn try_eject(
+    pub(crate) fn try_eject(
         &self,
         now: u64,
         policy: &HealthConfig,
@@ -278,7 +274,7 @@ fn next_streak(streak: u32, previous_end: u64, now: u64, policy: &HealthConfig) 
 }
 
 /// `base_ejection * 2^(streak-1)`, capped at `max_ejection`.
-pub fn ejection_duration(policy: &HealthConfig, streak: u32) -> Duration {
+pub(crate) fn ejection_duration(policy: &HealthConfig, streak: u32) -> Duration {
     let doublings = streak.saturating_sub(1).min(31);
     policy
         .base_ejection

@@ -13,7 +13,7 @@ use crate::health::now_ms;
 /// without flooding the journal. What it holds back is counted and reported on the next line
 /// it lets through, so an operator knows lines are missing.
 #[derive(Debug)]
-pub struct LogThrottle {
+pub(crate) struct LogThrottle {
     interval_ms: u64,
     burst: u64,
     window_start: AtomicU64,
@@ -23,12 +23,12 @@ pub struct LogThrottle {
 
 impl LogThrottle {
     /// One line per `interval`.
-    pub const fn new(interval: Duration) -> LogThrottle {
+    pub(crate) const fn new(interval: Duration) -> LogThrottle {
         LogThrottle::with_burst(interval, 1)
     }
 
     /// Up to `burst` lines per `interval`.
-    pub const fn with_burst(interval: Duration, burst: u64) -> LogThrottle {
+    pub(crate) const fn with_burst(interval: Duration, burst: u64) -> LogThrottle {
         LogThrottle {
             interval_ms: interval.as_millis() as u64,
             burst,
@@ -39,12 +39,12 @@ impl LogThrottle {
     }
 
     /// True when the caller should log now.
-    pub fn allow(&self) -> bool {
+    pub(crate) fn allow(&self) -> bool {
         self.permit().is_some()
     }
 
     /// `Some(lines held back since the last permitted one)` when the caller should log now.
-    pub fn permit(&self) -> Option<u64> {
+    pub(crate) fn permit(&self) -> Option<u64> {
         let now = now_ms();
         let start = self.window_start.load(Ordering::Relaxed);
         if (start == 0 || now.saturating_sub(start) >= self.interval_ms)

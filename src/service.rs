@@ -20,25 +20,25 @@ use crate::source_limits::SourceLimits;
 
 /// Counters of one service, for logs and metrics.
 #[derive(Debug, Default)]
-pub struct ServiceStats {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
+pub(crate) struct ServiceStats {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) active: AtomicU64,
     /// Refused by allow/deny.
-    pub denied: AtomicU64,
+    pub(crate) denied: AtomicU64,
     /// Closed at once because the pool had no backend at all.
-    pub no_backend: AtomicU64,
+    pub(crate) no_backend: AtomicU64,
     /// Closed because every attempted backend failed to connect.
-    pub connect_exhausted: AtomicU64,
+    pub(crate) connect_exhausted: AtomicU64,
     /// Connect attempts beyond the first.
-    pub retries: AtomicU64,
+    pub(crate) retries: AtomicU64,
     /// Closed because `accept_proxy` is on and no valid PROXY header came in time.
-    pub proxy_header_rejected: AtomicU64,
+    pub(crate) proxy_header_rejected: AtomicU64,
     /// Closed because their source had `max_connections_per_source` open.
-    pub source_connection_limited: AtomicU64,
+    pub(crate) source_connection_limited: AtomicU64,
     /// Closed because their source exceeded `rate_per_source`.
-    pub source_rate_limited: AtomicU64,
+    pub(crate) source_rate_limited: AtomicU64,
     /// Connect time, duration and bytes of the connections that reached a backend.
-    pub histograms: ConnectionHistograms,
+    pub(crate) histograms: ConnectionHistograms,
 }
 
 #[derive(Debug)]
@@ -46,8 +46,8 @@ pub struct Service {
     pub name: String,
     config: ArcSwap<ServiceConfig>,
     pub pool: Arc<Pool>,
-    pub discovery_status: Arc<DiscoveryStatus>,
-    pub stats: ServiceStats,
+    pub(crate) discovery_status: Arc<DiscoveryStatus>,
+    pub(crate) stats: ServiceStats,
     /// One permit per open connection; listeners take a permit before accepting, so at the
     /// limit clients wait in the backlog instead of being reset. Shared with the service that
     /// replaces this one under the same name (see [`Service::start_with_limit`]).
@@ -59,7 +59,8 @@ pub struct Service {
 
 impl Service {
     /// Creates the service with a connection limit of its own and starts its discovery task.
-    pub fn start(
+    #[cfg(test)]
+    pub(crate) fn start(
         config: ServiceConfig,
         resolver: &Resolver,
         resolver_settings: ResolverConfig,
@@ -73,7 +74,7 @@ impl Service {
     /// discovery source changed) passes the old service's limit: the old service's open
     /// connections keep their permits, so old and new together stay within the new
     /// `max_connections`, and a listener waiting for a permit wakes when the resize adds some.
-    pub fn start_with_limit(
+    pub(crate) fn start_with_limit(
         config: ServiceConfig,
         resolver: &Resolver,
         resolver_settings: ResolverConfig,
@@ -103,18 +104,18 @@ impl Service {
         })
     }
 
-    pub fn config(&self) -> Arc<ServiceConfig> {
+    pub(crate) fn config(&self) -> Arc<ServiceConfig> {
         self.config.load_full()
     }
 
     /// The permits of the service's connection limit (one per open connection); listeners
     /// take one before they accept.
-    pub fn connection_permits(&self) -> &Arc<Semaphore> {
+    pub(crate) fn connection_permits(&self) -> &Arc<Semaphore> {
         &self.limit.semaphore
     }
 
     /// The limit to hand to a replacement of this service (see [`Service::start_with_limit`]).
-    pub fn connection_limit(&self) -> &Arc<ConnectionLimit> {
+    pub(crate) fn connection_limit(&self) -> &Arc<ConnectionLimit> {
         &self.limit
     }
 
@@ -122,7 +123,7 @@ impl Service {
     /// health policy, lists and the connection limit take effect for new connections. A
     /// new `balance` rebuilds the pool's selectors on a blocking thread; until that
     /// snapshot is published (milliseconds), connections select with the old algorithm.
-    pub fn reconfigure(&self, config: ServiceConfig) {
+    pub(crate) fn reconfigure(&self, config: ServiceConfig) {
         self.limit.resize(&self.name, config.max_connections);
         if self.pool.set_selection(Selection::new(config.balance)) {
             let pool = Arc::clone(&self.pool);
@@ -139,7 +140,7 @@ impl Service {
 
     /// Hands new refresh settings (min_refresh, max_refresh, empty_hold) to the running
     /// discovery task; they apply from its next refresh, and the pool keeps its state.
-    pub fn update_resolver_settings(&self, settings: ResolverConfig) {
+    pub(crate) fn update_resolver_settings(&self, settings: ResolverConfig) {
         self.resolver_settings.send_if_modified(|current| {
             let changed = *current != settings;
             *current = settings;
@@ -151,7 +152,7 @@ impl Service {
     /// so a listener handed to this service does not reset clients for want of backends that
     /// are merely not looked up yet, nor send them to static last-resort backends before the
     /// SRV answer lands. True when the first lookup is done.
-    pub async fn first_lookup(&self, deadline: tokio::time::Instant) -> bool {
+    pub(crate) async fn first_lookup(&self, deadline: tokio::time::Instant) -> bool {
         tokio::time::timeout_at(deadline, self.discovery_status.wait_first_outcome())
             .await
             .is_ok()
@@ -159,14 +160,14 @@ impl Service {
 
     /// Stops discovery; the pool keeps serving open connections until they end. The
     /// connection limit is left alone, because a replacement may share it.
-    pub fn retire(&self) {
+    pub(crate) fn retire(&self) {
         let _ = self.stop_discovery.send(true);
     }
 
     /// Retires a service that has no replacement. What its connection limit still owes from
     /// a lowering is dropped too: nothing accepts under that limit any more, and the debt
     /// task would otherwise live as long as the longest open connection.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         self.retire();
         self.limit.cancel_debts();
     }
@@ -186,7 +187,7 @@ impl Service {
 /// [`cancel_debts`](ConnectionLimit::cancel_debts) is called, so a retired service does not
 /// leave tasks behind waiting for its connections.
 #[derive(Debug)]
-pub struct ConnectionLimit {
+pub(crate) struct ConnectionLimit {
     semaphore: Arc<Semaphore>,
     /// Per-source counts, shared the same way as the permits.
     sources: Arc<SourceLimits>,
@@ -199,13 +200,13 @@ impl ConnectionLimit {
     /// A size beyond this is treated as this: it is unlimited in practice, and it keeps every
     /// amount within what `Semaphore` (which panics above `MAX_PERMITS`) and `acquire_many`
     /// (u32) accept.
-    pub const MAX: usize = if Semaphore::MAX_PERMITS < u32::MAX as usize {
+    pub(crate) const MAX: usize = if Semaphore::MAX_PERMITS < u32::MAX as usize {
         Semaphore::MAX_PERMITS
     } else {
         u32::MAX as usize
     };
 
-    pub fn new(size: usize) -> ConnectionLimit {
+    pub(crate) fn new(size: usize) -> ConnectionLimit {
         let size = size.min(Self::MAX);
         ConnectionLimit {
             semaphore: Arc::new(Semaphore::new(size)),
@@ -215,17 +216,17 @@ impl ConnectionLimit {
         }
     }
 
-    pub fn semaphore(&self) -> &Arc<Semaphore> {
+    pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
         &self.semaphore
     }
 
-    pub fn sources(&self) -> &Arc<SourceLimits> {
+    pub(crate) fn sources(&self) -> &Arc<SourceLimits> {
         &self.sources
     }
 
     /// Sets the number of permits to `new_size`; see the type's documentation. Must run
     /// inside the tokio runtime when lowering below the permits in use.
-    pub fn resize(&self, service: &str, new_size: usize) {
+    pub(crate) fn resize(&self, service: &str, new_size: usize) {
         let new_size = new_size.min(Self::MAX);
         let mut size = self.size.lock();
         let old_size = std::mem::replace(&mut *size, new_size);
@@ -259,7 +260,7 @@ impl ConnectionLimit {
 
     /// Aborts the unpaid debts; permits returned from now on become free again. Permits a
     /// debt had already collected stay forgotten.
-    pub fn cancel_debts(&self) {
+    pub(crate) fn cancel_debts(&self) {
         self.debts.lock().abort_all();
     }
 }

@@ -20,19 +20,19 @@ use crate::config::{RatePerSource, ServiceConfig};
 /// Shards of the table; a power of two.
 const SHARDS: usize = 64;
 /// Sources tracked at most per service (each entry is a few dozen bytes).
-pub const MAX_SOURCES: usize = 65_536;
+pub(crate) const MAX_SOURCES: usize = 65_536;
 const PER_SHARD: usize = MAX_SOURCES / SHARDS;
 
 /// A client source as limits count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
+pub(crate) enum Source {
     V4([u8; 4]),
     /// The first 64 bits of an IPv6 address.
     V6Net([u8; 8]),
 }
 
 impl Source {
-    pub fn of(ip: IpAddr) -> Source {
+    pub(crate) fn of(ip: IpAddr) -> Source {
         match crate::proxy::canonical_ip(ip) {
             IpAddr::V4(v4) => Source::V4(v4.octets()),
             IpAddr::V6(v6) => {
@@ -53,7 +53,7 @@ struct Entry {
 
 /// Why a source may not open another connection now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// It has `max_connections_per_source` open.
     Connections,
     /// Its bucket of new connections is empty.
@@ -63,11 +63,11 @@ pub enum Refusal {
 /// The per-source table of one service (shared, like the connection limit, with a service
 /// that replaces it under the same name).
 #[derive(Debug)]
-pub struct SourceLimits {
+pub(crate) struct SourceLimits {
     shards: Vec<Mutex<HashMap<Source, Entry>>>,
     hasher: std::collections::hash_map::RandomState,
     /// Sources let in without tracking because their shard was full of busy sources.
-    pub untracked: AtomicU64,
+    pub(crate) untracked: AtomicU64,
 }
 
 impl Default for SourceLimits {
@@ -82,7 +82,7 @@ impl Default for SourceLimits {
 
 /// Held for as long as an admitted connection is open; gives its slot back when dropped.
 #[derive(Debug)]
-pub struct SourceSlot {
+pub(crate) struct SourceSlot {
     limits: Arc<SourceLimits>,
     source: Source,
 }
@@ -102,14 +102,14 @@ impl SourceLimits {
     }
 
     /// Sources tracked now.
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
     /// Admits one connection from `ip` at `now_ms` under `config`'s per-source limits.
     /// `Ok(None)`: no per-source limit is configured (nothing tracked). `Ok(Some(slot))`:
     /// admitted; the slot counts the connection until dropped.
-    pub fn admit(
+    pub(crate) fn admit(
         self: &Arc<Self>,
         config: &ServiceConfig,
         ip: IpAddr,

@@ -32,7 +32,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// The running workers. Dropping this stops them: their connection tasks end and their
 /// threads are joined, so call it only once the connections have drained or been cut.
 #[derive(Debug)]
-pub struct Workers {
+pub(crate) struct Workers {
     workers: Vec<Worker>,
 }
 
@@ -46,12 +46,12 @@ struct Worker {
 
 impl Workers {
     /// The number of workers for `workers = "auto"`: one per CPU this process may run on.
-    pub fn auto_count() -> NonZeroUsize {
+    pub(crate) fn auto_count() -> NonZeroUsize {
         std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
     }
 
     /// Starts `count` worker threads, named `srvlb-worker-N`.
-    pub fn start(count: NonZeroUsize) -> io::Result<Workers> {
+    pub(crate) fn start(count: NonZeroUsize) -> io::Result<Workers> {
         let mut workers = Workers {
             workers: Vec::with_capacity(count.get()),
         };
@@ -63,11 +63,11 @@ impl Workers {
     }
 
     /// One handle per worker, in worker order: spawning on one runs the task on that worker.
-    pub fn handles(&self) -> impl ExactSizeIterator<Item = &Handle> {
+    pub(crate) fn handles(&self) -> impl ExactSizeIterator<Item = &Handle> {
         self.workers.iter().map(|w| &w.handle)
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.workers.len()
     }
 }

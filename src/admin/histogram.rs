@@ -56,7 +56,7 @@ const BYTES_BOUNDS: [u64; 13] = [
 /// not cumulative here (one addition per observation); the encoder adds them up. The count
 /// is the sum of the buckets, so `_count` always equals the `+Inf` bucket.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [u64],
     /// `bounds.len() + 1` buckets; the last takes what is above every bound.
     buckets: Box<[AtomicU64]>,
@@ -77,7 +77,7 @@ impl Histogram {
     }
 
     /// Counts one observation of `value` (in the histogram's integer unit).
-    pub fn observe(&self, value: u64) {
+    pub(crate) fn observe(&self, value: u64) {
         // `le` is inclusive: the first bound not below the value.
         let index = self.bounds.partition_point(|&bound| bound < value);
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
@@ -85,7 +85,8 @@ impl Histogram {
     }
 
     /// Observations so far.
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
@@ -110,15 +111,15 @@ impl Histogram {
 
 /// The histograms of one service's connections.
 #[derive(Debug)]
-pub struct ConnectionHistograms {
+pub(crate) struct ConnectionHistograms {
     /// Successful backend connects: from the connect call until the connection is up.
-    pub connect: Histogram,
+    pub(crate) connect: Histogram,
     /// Client connections that reached a backend: from accept to close.
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
     /// Bytes from the client to the backend, per connection.
-    pub sent: Histogram,
+    pub(crate) sent: Histogram,
     /// Bytes from the backend to the client, per connection.
-    pub received: Histogram,
+    pub(crate) received: Histogram,
 }
 
 impl Default for ConnectionHistograms {
@@ -134,13 +135,13 @@ impl Default for ConnectionHistograms {
 
 impl ConnectionHistograms {
     /// A backend connect that took `took`.
-    pub fn observe_connect(&self, took: Duration) {
+    pub(crate) fn observe_connect(&self, took: Duration) {
         self.connect.observe(micros(took));
     }
 
     /// A connection that reached a backend ended after `lasted`, having moved `sent` bytes
     /// from the client and `received` bytes to it.
-    pub fn observe_connection(&self, lasted: Duration, sent: u64, received: u64) {
+    pub(crate) fn observe_connection(&self, lasted: Duration, sent: u64, received: u64) {
         self.duration.observe(micros(lasted));
         self.sent.observe(sent);
         self.received.observe(received);

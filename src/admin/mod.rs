@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-pub use histogram::ConnectionHistograms;
+pub(crate) use histogram::ConnectionHistograms;
 
 use crate::config::AdminToken;
 use crate::fd_budget::{FdBudget, MAX_ADMIN_SLOTS};
@@ -39,11 +39,11 @@ use http::{AdminListener, accept_loop};
 use slots::Slots;
 
 /// Permissions of the admin unix socket: its owner and group may connect.
-pub const SOCKET_MODE: u32 = 0o660;
+pub(crate) const SOCKET_MODE: u32 = 0o660;
 
 /// What the admin endpoint reports, updated by control.
 #[derive(Debug, Default)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     services: ArcSwap<Vec<Arc<Service>>>,
     listeners: ArcSwap<Vec<Arc<ListenerStatus>>>,
     process: Mutex<Option<(FdBudget, ConnectionTracker)>>,
@@ -62,26 +62,26 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn set_services(&self, mut services: Vec<Arc<Service>>) {
+    pub(crate) fn set_services(&self, mut services: Vec<Arc<Service>>) {
         services.sort_by(|a, b| a.name.cmp(&b.name));
         self.services.store(Arc::new(services));
     }
 
     /// The proxy listeners to report, in any order.
-    pub fn set_listeners(&self, mut listeners: Vec<Arc<ListenerStatus>>) {
+    pub(crate) fn set_listeners(&self, mut listeners: Vec<Arc<ListenerStatus>>) {
         listeners.sort_by_key(|l| l.addr);
         self.listeners.store(Arc::new(listeners));
     }
 
     /// The descriptor budget in force and the tracker of proxied connections.
-    pub fn set_budget(&self, budget: FdBudget, tracker: ConnectionTracker) {
+    pub(crate) fn set_budget(&self, budget: FdBudget, tracker: ConnectionTracker) {
         self.slot_count.store(budget.admin_slots, Ordering::Relaxed);
         *self.process.lock() = Some((budget, tracker));
     }
 
     /// The token requests must present from now on (read from `admin_token_file` at start
     /// and on every reload); `None` turns authentication off.
-    pub fn set_token(&self, token: Option<AdminToken>) {
+    pub(crate) fn set_token(&self, token: Option<AdminToken>) {
         self.token.store(token.map(Arc::new));
     }
 
@@ -92,7 +92,7 @@ impl AdminState {
         }
     }
 
-    pub fn record_reload(&self, ok: bool, message: String) {
+    pub(crate) fn record_reload(&self, ok: bool, message: String) {
         if ok {
             self.reloads_ok.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -102,7 +102,7 @@ impl AdminState {
     }
 
     /// "last reload: ok" / "last reload: refused: ..." / "no reload yet".
-    pub fn last_reload(&self) -> String {
+    pub(crate) fn last_reload(&self) -> String {
         match &*self.last_reload.lock() {
             None => "no reload yet".to_owned(),
             Some((true, _)) => "last reload: ok".to_owned(),
@@ -113,14 +113,14 @@ impl AdminState {
 
 /// A running admin listener on a TCP address.
 #[derive(Debug)]
-pub struct Admin {
+pub(crate) struct Admin {
     addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
 impl Admin {
     /// Binds synchronously (so a reload can refuse an unusable address) and starts serving.
-    pub fn bind(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Admin> {
+    pub(crate) fn bind(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Admin> {
         let socket = crate::proxy::listener::bind(addr)?;
         let addr = socket.local_addr()?;
         let listener = TcpListener::from_std(socket)?;
@@ -128,12 +128,12 @@ impl Admin {
         Ok(Admin { addr, task })
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Stops serving and closes the socket; the same as dropping it.
-    pub fn close(self) {}
+    pub(crate) fn close(self) {}
 }
 
 /// A reload that binds a new admin listener and then fails a later step drops it: the
@@ -148,7 +148,7 @@ impl Drop for Admin {
 /// A running admin listener on a unix socket. The socket file is removed when this is
 /// dropped (reload to another path, shutdown), if it is still the one srvlb created.
 #[derive(Debug)]
-pub struct AdminSocket {
+pub(crate) struct AdminSocket {
     path: PathBuf,
     /// Device and inode of the socket file created, to remove only our own.
     file_id: (u64, u64),
@@ -159,7 +159,7 @@ impl AdminSocket {
     /// Binds `path` (replacing a stale socket file that nothing listens on), sets its mode
     /// to [`SOCKET_MODE`] and starts serving. Fails when another process serves the path or
     /// when something other than a socket is there: srvlb deletes only dead sockets.
-    pub fn bind(path: &Path, state: Arc<AdminState>) -> std::io::Result<AdminSocket> {
+    pub(crate) fn bind(path: &Path, state: Arc<AdminState>) -> std::io::Result<AdminSocket> {
         remove_stale_socket(path)?;
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
@@ -172,12 +172,12 @@ impl AdminSocket {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Stops serving and removes the socket file; the same as dropping it.
-    pub fn close(self) {}
+    pub(crate) fn close(self) {}
 }
 
 impl Drop for AdminSocket {

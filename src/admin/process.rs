@@ -8,12 +8,12 @@ use std::sync::OnceLock;
 /// One reading of /proc/self/stat (and /proc/stat for the boot time).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct ProcessStat {
-    pub cpu_seconds: f64,
-    pub threads: u64,
-    pub virtual_bytes: u64,
-    pub resident_bytes: u64,
+    pub(crate) cpu_seconds: f64,
+    pub(crate) threads: u64,
+    pub(crate) virtual_bytes: u64,
+    pub(crate) resident_bytes: u64,
     /// Unix time the process started, in seconds.
-    pub start_time_seconds: f64,
+    pub(crate) start_time_seconds: f64,
 }
 
 impl ProcessStat {

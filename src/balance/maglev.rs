@@ -134,12 +134,13 @@ impl MaglevTable {
     }
 
     /// Number of slots; 0 for a table built from no backends.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.slots.len()
     }
 
     /// Length of the slices the table was built from, including weight-0 backends.
-    pub fn backend_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn backend_count(&self) -> usize {
         self.backend_count
     }
 
@@ -253,7 +254,7 @@ impl fmt::Debug for MaglevTable {
 /// The Maglev algorithm for one tier: the client's key walks the table's preference order
 /// to the first eligible backend, so only keys of an ejected backend move.
 #[derive(Debug)]
-pub struct MaglevSelector {
+pub(crate) struct MaglevSelector {
     table: MaglevTable,
     /// Weight-0 backends, which own no slots.
     zero_weight: Box<[usize]>,
@@ -261,7 +262,7 @@ pub struct MaglevSelector {
 
 impl MaglevSelector {
     /// See [`MaglevTable::build`].
-    pub fn build(
+    pub(crate) fn build(
         names: &[&str],
         weights: &[u32],
         size: usize,
@@ -270,10 +271,6 @@ impl MaglevSelector {
             table: MaglevTable::build(names, weights, size)?,
             zero_weight: zero_weight(weights),
         })
-    }
-
-    pub fn table(&self) -> &MaglevTable {
-        &self.table
     }
 }
 
@@ -339,7 +336,7 @@ impl ExactSizeIterator for Preference<'_> {}
 impl FusedIterator for Preference<'_> {}
 
 /// Whether `n` is prime, by trial division (table sizes are small and checked once).
-pub fn is_prime(n: usize) -> bool {
+pub(crate) fn is_prime(n: usize) -> bool {
     if n < 4 {
         return n >= 2;
     }

@@ -7,8 +7,8 @@
 //! reads tables that were built off it. A new algorithm is one file here implementing
 //! [`TierSelector`], plus its `config::Balance` value and its arm in [`Selection::build`].
 
-pub mod maglev;
-pub mod p2c;
+pub(crate) mod maglev;
+pub(crate) mod p2c;
 mod seen;
 pub mod select;
 
@@ -18,8 +18,10 @@ use rand::RngCore;
 
 use crate::config::Balance;
 
-pub use maglev::{MaglevError, MaglevSelector, MaglevTable, Preference};
-pub use p2c::{P2cSelector, P2cTable};
+pub(crate) use maglev::MaglevSelector;
+pub use maglev::{MaglevError, MaglevTable, Preference};
+pub(crate) use p2c::P2cSelector;
+pub use p2c::P2cTable;
 
 /// The selection of one tier for one algorithm, built off the hot path (on discovery's
 /// blocking thread) and stored in the immutable snapshot. Members are the tier's backends
@@ -42,9 +44,9 @@ pub trait TierSelector: Send + Sync + fmt::Debug {
 /// built from. A P2C selection builds no Maglev table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selection {
-    pub balance: Balance,
+    pub(crate) balance: Balance,
     /// Slots of a Maglev table (prime); unused by other algorithms.
-    pub maglev_size: usize,
+    pub(crate) maglev_size: usize,
 }
 
 /// Why a tier's selector could not be built.
@@ -64,7 +66,8 @@ impl Selection {
     }
 
     /// Maglev with a table of `size` slots (tests use small primes).
-    pub fn maglev(size: usize) -> Selection {
+    #[cfg(test)]
+    pub(crate) fn maglev(size: usize) -> Selection {
         Selection {
             balance: Balance::Maglev,
             maglev_size: size,
@@ -72,7 +75,7 @@ impl Selection {
     }
 
     /// The selector of one tier whose members have these identity `names` and `weights`.
-    pub fn build(
+    pub(crate) fn build(
         &self,
         names: &[&str],
         weights: &[u32],

@@ -36,11 +36,11 @@ impl P2cTable {
         P2cTable { cumulative }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.cumulative.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.cumulative.is_empty()
     }
 
@@ -132,14 +132,14 @@ impl P2cTable {
 /// The P2C algorithm for one tier: a weighted two-choice pick among eligible backends,
 /// and the least loaded weight-0 backend when no weighted one is eligible.
 #[derive(Debug)]
-pub struct P2cSelector {
+pub(crate) struct P2cSelector {
     table: P2cTable,
     /// Weight-0 backends, which the weighted draw never hits.
     zero_weight: Box<[usize]>,
 }
 
 impl P2cSelector {
-    pub fn new(weights: &[u32]) -> P2cSelector {
+    pub(crate) fn new(weights: &[u32]) -> P2cSelector {
         P2cSelector {
             table: P2cTable::new(weights),
             zero_weight: zero_weight(weights),

@@ -42,7 +42,7 @@ pub trait Candidate {
 
 /// The selection key of a client: its address (and port with `client_ip_port`) hashed the
 /// same way in every srvlb instance.
-pub fn client_key(client: SocketAddr, hash: HashKey) -> u64 {
+pub(crate) fn client_key(client: SocketAddr, hash: HashKey) -> u64 {
     let ip = crate::proxy::canonical_ip(client.ip());
     let mut bytes = [0u8; 18];
     let len = match ip {
@@ -90,7 +90,7 @@ impl<'a, T: TierView> Selector<'a, T> {
 
     /// Tells the selector how many attempts the caller makes, so that the last one can go
     /// where a failed tier cannot take it.
-    pub fn with_attempts(mut self, max_attempts: u32) -> Selector<'a, T> {
+    pub(crate) fn with_attempts(mut self, max_attempts: u32) -> Selector<'a, T> {
         self.max_attempts = max_attempts.max(1);
         self
     }

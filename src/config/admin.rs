@@ -18,7 +18,7 @@ pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// The bearer token the admin endpoint requires, and the file it came from.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken {
+pub(crate) struct AdminToken {
     path: PathBuf,
     secret: Arc<[u8]>,
 }
@@ -26,29 +26,25 @@ pub struct AdminToken {
 impl AdminToken {
     /// A token with `secret` as if read from `path`; for tests and callers that hold the
     /// secret already.
-    pub fn new(path: impl Into<PathBuf>, secret: impl AsRef<[u8]>) -> AdminToken {
+    pub(crate) fn new(path: impl Into<PathBuf>, secret: impl AsRef<[u8]>) -> AdminToken {
         AdminToken {
             path: path.into(),
             secret: Arc::from(secret.as_ref()),
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Length of the secret in bytes (the plan shows it; the secret itself never).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.secret.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.secret.is_empty()
     }
 
     /// True when `presented` is the token. Constant time in the secret's content (the
     /// lengths are compared first, and a length is not a secret).
-    pub fn accepts(&self, presented: &[u8]) -> bool {
+    pub(crate) fn accepts(&self, presented: &[u8]) -> bool {
         self.secret.ct_eq(presented).into()
     }
 }

@@ -44,8 +44,8 @@ impl ConfigError {
 /// A validation failure before it is tied to a file: where (byte span, if known) and what.
 #[derive(Debug)]
 pub(crate) struct Problem {
-    pub span: Option<Range<usize>>,
-    pub message: String,
+    pub(crate) span: Option<Range<usize>>,
+    pub(crate) message: String,
 }
 
 impl Problem {

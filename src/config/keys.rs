@@ -64,10 +64,10 @@ impl Section {
 /// One key: where it lives, what it takes, what it is when left out.
 #[derive(Debug)]
 pub(crate) struct Key {
-    pub section: Section,
-    pub name: &'static str,
-    pub kind: Kind,
-    pub default: DefaultValue,
+    pub(crate) section: Section,
+    pub(crate) name: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) default: DefaultValue,
 }
 
 impl Key {
@@ -227,14 +227,14 @@ macro_rules! section {
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub(crate) struct $raw {
-            $( $(#[serde(rename = $rename)])? pub $field: Option<$ty>, )+
-            $( pub $table: Option<$table_ty>, )*
+            $( $(#[serde(rename = $rename)])? pub(crate) $field: Option<$ty>, )+
+            $( pub(crate) $table: Option<$table_ty>, )*
         }
 
         /// The keys of the same table, field by field.
         #[derive(Debug)]
         pub(crate) struct $keys {
-            $( pub $field: Key, )+
+            $( pub(crate) $field: Key, )+
         }
 
         pub(crate) static $const: $keys = $keys {

@@ -24,14 +24,14 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use admin::AdminToken;
+pub(crate) use admin::AdminToken;
 pub use error::ConfigError;
 
 /// A validated configuration; every default is already filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where the configuration came from (the path given to `load`, or `parse`'s origin).
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
     pub global: GlobalConfig,
     pub resolver: ResolverConfig,
     /// In file order; at least one, names and listen addresses unique.
@@ -46,23 +46,23 @@ pub struct GlobalConfig {
     pub admin_socket: Option<PathBuf>,
     /// Read from `admin_token_file` when the configuration is loaded; when set, every admin
     /// request but `/healthz` must carry it as a bearer token.
-    pub admin_token: Option<AdminToken>,
+    pub(crate) admin_token: Option<AdminToken>,
     pub log_format: LogFormat,
     /// How long `SIGTERM` waits for connections to finish before closing them.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// File that gets one line per client connection; `None`: no access log.
-    pub access_log: Option<PathBuf>,
-    pub access_log_format: LogFormat,
+    pub(crate) access_log: Option<PathBuf>,
+    pub(crate) access_log_format: LogFormat,
     /// Data-path worker threads; `None` for `"auto"` (one per CPU). Read at start only.
-    pub workers: Option<NonZeroUsize>,
+    pub(crate) workers: Option<NonZeroUsize>,
 }
 
 impl GlobalConfig {
     /// The most worker threads `workers` may ask for.
-    pub const MAX_WORKERS: i64 = 1024;
+    pub(crate) const MAX_WORKERS: i64 = 1024;
 
     /// The number of worker threads this configuration runs with on this machine.
-    pub fn worker_count(&self) -> NonZeroUsize {
+    pub(crate) fn worker_count(&self) -> NonZeroUsize {
         self.workers
             .unwrap_or_else(crate::workers::Workers::auto_count)
     }
@@ -77,20 +77,20 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolverConfig {
     /// Empty means the system resolver (resolv.conf).
-    pub nameservers: Vec<SocketAddr>,
-    pub timeout: Duration,
+    pub(crate) nameservers: Vec<SocketAddr>,
+    pub(crate) timeout: Duration,
     /// Record TTLs are clamped to `[min_refresh, max_refresh]`.
-    pub min_refresh: Duration,
-    pub max_refresh: Duration,
+    pub(crate) min_refresh: Duration,
+    pub(crate) max_refresh: Duration,
     /// How long an NXDOMAIN or empty answer must persist before a pool is emptied.
-    pub empty_hold: Duration,
+    pub(crate) empty_hold: Duration,
     /// Which address records of SRV targets are asked for and used.
-    pub family: AddressFamily,
+    pub(crate) family: AddressFamily,
 }
 
 /// `[resolver] family`: the address families srvlb resolves SRV targets to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AddressFamily {
+pub(crate) enum AddressFamily {
     /// A and AAAA (the default).
     Any,
     /// A only: for hosts without IPv6 connectivity; AAAA is neither asked for nor tried.
@@ -109,46 +109,46 @@ pub struct ServiceConfig {
     pub static_backends: Vec<SocketAddr>,
     pub balance: Balance,
     /// Only used by `Balance::Maglev`.
-    pub hash_key: HashKey,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
+    pub(crate) hash_key: HashKey,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// TCP keepalive on both legs: the silence before the first probe, which is also the
     /// interval between probes ([`KEEPALIVE_PROBES`] of them). `None`: off.
-    pub tcp_keepalive: Option<Duration>,
+    pub(crate) tcp_keepalive: Option<Duration>,
     /// Further backends tried after a failed connect.
     pub connect_retries: u32,
     pub max_connections: usize,
     /// Open connections one source (an IPv4 address or an IPv6 /64) may have; `None`: no
     /// limit.
-    pub max_connections_per_source: Option<u32>,
+    pub(crate) max_connections_per_source: Option<u32>,
     /// New connections one source may open, as a token bucket; `None`: no limit.
-    pub rate_per_source: Option<RatePerSource>,
+    pub(crate) rate_per_source: Option<RatePerSource>,
     /// Source filter: a client in `deny` is refused; when `allow` is not empty, a client must
     /// also be in `allow`. Networks are stored with host bits clear.
-    pub allow: Vec<ipnet::IpNet>,
-    pub deny: Vec<ipnet::IpNet>,
+    pub(crate) allow: Vec<ipnet::IpNet>,
+    pub(crate) deny: Vec<ipnet::IpNet>,
     pub send_proxy: Option<ProxyProtocol>,
     /// Every connection must start with a PROXY header (v1 or v2), whose client address
     /// then stands for the connection's: a balancer in front tells who the client is.
-    pub accept_proxy: bool,
+    pub(crate) accept_proxy: bool,
     /// How long a client may take to send that header.
-    pub accept_proxy_timeout: Duration,
+    pub(crate) accept_proxy_timeout: Duration,
     /// Peers trusted to send that header (the balancers in front); empty: any peer.
-    pub accept_proxy_from: Vec<ipnet::IpNet>,
-    pub health: HealthConfig,
+    pub(crate) accept_proxy_from: Vec<ipnet::IpNet>,
+    pub(crate) health: HealthConfig,
 }
 
 /// A token bucket: `count` new connections per `per`, and up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RatePerSource {
-    pub count: u32,
-    pub per: Duration,
-    pub burst: u32,
+pub(crate) struct RatePerSource {
+    pub(crate) count: u32,
+    pub(crate) per: Duration,
+    pub(crate) burst: u32,
 }
 
 /// Unanswered keepalive probes after which the kernel declares a peer gone, so a vanished
 /// peer is noticed within `(1 + KEEPALIVE_PROBES) * tcp_keepalive` of silence.
-pub const KEEPALIVE_PROBES: u32 = 4;
+pub(crate) const KEEPALIVE_PROBES: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -157,7 +157,7 @@ pub enum Balance {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HashKey {
+pub(crate) enum HashKey {
     ClientIp,
     ClientIpPort,
 }
@@ -169,14 +169,14 @@ pub enum ProxyProtocol {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthConfig {
+pub(crate) struct HealthConfig {
     /// At least 1.
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
+    pub(crate) consecutive_failures: u32,
+    pub(crate) base_ejection: Duration,
     /// Not shorter than `base_ejection`.
-    pub max_ejection: Duration,
+    pub(crate) max_ejection: Duration,
     /// 0..=100.
-    pub max_ejected_percent: u8,
+    pub(crate) max_ejected_percent: u8,
 }
 
 impl Config {
@@ -204,7 +204,7 @@ impl ServiceConfig {
     /// True when the discovery source (SRV name and static list) equals `other`'s; a reload
     /// then keeps the pool's state. DNS names compare case-insensitively and the static list
     /// as a set, because neither difference changes which backends are found.
-    pub fn same_discovery(&self, other: &ServiceConfig) -> bool {
+    pub(crate) fn same_discovery(&self, other: &ServiceConfig) -> bool {
         let srv_equal = match (&self.srv, &other.srv) {
             (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
             (None, None) => true,

@@ -17,12 +17,12 @@ pub(crate) type TextList = Spanned<Vec<Spanned<String>>>;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFile {
-    pub global: Option<RawGlobal>,
-    pub resolver: Option<RawResolver>,
+    pub(crate) global: Option<RawGlobal>,
+    pub(crate) resolver: Option<RawResolver>,
     /// Only checked for shape here: services are deserialized one at a time from the parsed
     /// document so that toml's own errors inside one can be prefixed with its name.
     #[allow(dead_code)] // read via the document tree, kept so toml lists "service" as valid
-    pub service: Option<Spanned<Vec<IgnoredAny>>>,
+    pub(crate) service: Option<Spanned<Vec<IgnoredAny>>>,
 }
 
 /// Any TOML scalar. Durations and keywords are read this way so that `timeout = 5` or

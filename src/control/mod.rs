@@ -122,13 +122,8 @@ impl Server {
         Ok(server)
     }
 
-    pub fn tracker(&self) -> &ConnectionTracker {
+    pub(crate) fn tracker(&self) -> &ConnectionTracker {
         &self.tracker
-    }
-
-    /// The addresses actually bound (useful when a config asks for port 0).
-    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.values().map(|l| l.addr).collect()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
@@ -136,7 +131,7 @@ impl Server {
     }
 
     /// A one-line summary for logs and systemd's STATUS=.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let backends: usize = self
             .services
             .values()
@@ -158,7 +153,7 @@ impl Server {
     /// Listeners whose address stays keep their socket and only switch service; new
     /// listeners accept before removed ones stop, and connections of removed services run
     /// on until they end.
-    pub async fn apply(&mut self, next: Config) -> Result<(), ControlError> {
+    pub(crate) async fn apply(&mut self, next: Config) -> Result<(), ControlError> {
         // 1. Everything fallible. Failing here drops what was bound and changes nothing.
         let prepared = self.prepare(&next)?;
         // 2. Services, each with its first lookup done or given up on.
@@ -519,7 +514,7 @@ impl Server {
     }
 
     /// What the admin endpoint shows of the process (services, last reload).
-    pub fn admin_state(&self) -> &AdminState {
+    pub(crate) fn admin_state(&self) -> &AdminState {
         &self.admin_state
     }
 }

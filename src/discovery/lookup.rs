@@ -28,7 +28,7 @@ pub struct Unresolved {
     /// Targets skipped this round: no address now and none from an earlier answer.
     pub skipped: usize,
     /// Targets served with their addresses from an earlier answer.
-    pub kept: usize,
+    pub(crate) kept: usize,
     /// Distinct targets in the answer.
     pub targets: usize,
     /// One of the errors, as an example.
@@ -77,11 +77,11 @@ fn negative_ttl(e: &NetError) -> Option<u32> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SrvRecord {
     /// Lower-case, absolute: the key of the target's addresses.
-    pub target: String,
-    pub name: Name,
-    pub port: u16,
-    pub priority: u16,
-    pub weight: u16,
+    pub(crate) target: String,
+    pub(crate) name: Name,
+    pub(crate) port: u16,
+    pub(crate) priority: u16,
+    pub(crate) weight: u16,
 }
 
 /// Addresses from an answer's additional section, per target, with their smallest TTL.

@@ -34,16 +34,17 @@ use crate::config::{ResolverConfig, ServiceConfig};
 use crate::pool::Pool;
 
 pub use lookup::{Answer, Unresolved, lookup_srv};
-pub use refresh::Discovery;
-pub use resolver::{Resolver, build_resolver};
-pub use schedule::{absent_backoff, failure_backoff, refresh_after, refresh_interval};
-pub use srv::SrvSource;
-pub use statics::{StaticSource, static_endpoints};
-pub use status::{Absence, DiscoveryStatus, unix_ms};
+pub(crate) use refresh::Discovery;
+pub(crate) use resolver::Resolver;
+pub use resolver::build_resolver;
+pub(crate) use srv::SrvSource;
+pub(crate) use statics::StaticSource;
+pub use statics::static_endpoints;
+pub(crate) use status::DiscoveryStatus;
 
 /// Priority given to static backends listed beside an SRV name: a last-resort tier that takes
 /// traffic only when no SRV backend is usable. Alone, they form the only tier.
-pub const STATIC_PRIORITY: u16 = u16::MAX;
+pub(crate) const STATIC_PRIORITY: u16 = u16::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -55,7 +56,7 @@ pub enum DiscoveryError {
 
 /// Where a service's endpoints come from. The source only looks things up and says what it
 /// found; [`Discovery`] decides what an answer does to the pool and when to ask again.
-pub trait Source: Send + 'static {
+pub(crate) trait Source: Send + 'static {
     /// What logs call the source (the `srv` field): the SRV name, say.
     fn name(&self) -> &str;
 
@@ -85,20 +86,20 @@ pub trait Source: Send + 'static {
 
 /// What one round of a source gave.
 #[derive(Debug, Default)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The set as the source sees it now; `None` when a partial round changed nothing.
-    pub answer: Option<Answer>,
+    pub(crate) answer: Option<Answer>,
     /// With `Answer::Absent`: the registry's negative TTL (RFC 2308), which paces the next
     /// look.
-    pub negative_ttl: Option<u32>,
+    pub(crate) negative_ttl: Option<u32>,
     /// Ask for the whole set now (an SRV target lost every address between two SRV
     /// lookups: the whole name may be going away).
-    pub full_round_now: bool,
+    pub(crate) full_round_now: bool,
 }
 
 /// Starts the discovery task of `service`: its SRV name with the static backends beside it,
 /// or the static backends alone. Runs until `shutdown` flips to true.
-pub fn spawn(
+pub(crate) fn spawn(
     service: &ServiceConfig,
     resolver: &Resolver,
     settings: watch::Receiver<ResolverConfig>,

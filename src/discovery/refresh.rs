@@ -26,7 +26,7 @@ struct AbsentState {
 }
 
 /// The refresh loop of one service over its source `S`. Runs until `shutdown` flips to true.
-pub struct Discovery<S> {
+pub(crate) struct Discovery<S> {
     pub(super) service: String,
     source: S,
     /// Published beside every answer of the source: the static last-resort tier.
@@ -61,7 +61,7 @@ pub struct Discovery<S> {
 
 impl<S: Source> Discovery<S> {
     /// `fixed` endpoints are served beside whatever `source` finds.
-    pub fn new(
+    pub(crate) fn new(
         service: &str,
         source: S,
         fixed: Vec<Endpoint>,
@@ -91,7 +91,7 @@ impl<S: Source> Discovery<S> {
         }
     }
 
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         // The static backends serve before the source's first answer; a fixed source's
         // first answer is its whole set anyway.
         if self.source.refreshes() {

@@ -17,11 +17,11 @@ use crate::config::{AddressFamily, ResolverConfig};
 
 /// A handle on the DNS client: cheap to clone, shared by every service's SRV source.
 #[derive(Clone)]
-pub struct Resolver(Arc<TokioResolver>);
+pub(crate) struct Resolver(Arc<TokioResolver>);
 
 impl Resolver {
     /// Builds the client from `[resolver]`; see [`build_resolver`].
-    pub fn new(settings: &ResolverConfig) -> Result<Resolver, DiscoveryError> {
+    pub(crate) fn new(settings: &ResolverConfig) -> Result<Resolver, DiscoveryError> {
         Ok(Resolver(Arc::new(build_resolver(settings)?)))
     }
 

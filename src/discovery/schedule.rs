@@ -8,7 +8,7 @@ use rand::Rng;
 use crate::config::ResolverConfig;
 
 /// Refresh interval from a TTL, for records whose previous answer had the same TTL.
-pub fn refresh_interval<R: Rng + ?Sized>(
+pub(crate) fn refresh_interval<R: Rng + ?Sized>(
     ttl: u32,
     settings: &ResolverConfig,
     rng: &mut R,
@@ -26,7 +26,7 @@ pub fn refresh_interval<R: Rng + ?Sized>(
 /// cached answer near its end). Then up to 10% more at random, so that a fleet
 /// does not query in lock-step. Clamped to `[min_refresh, max_refresh]`; records that
 /// outlive `max_refresh` are looked up again shortly before it.
-pub fn refresh_after<R: Rng + ?Sized>(
+pub(crate) fn refresh_after<R: Rng + ?Sized>(
     ttl: u32,
     previous_ttl: u32,
     settings: &ResolverConfig,
@@ -53,7 +53,7 @@ pub fn refresh_after<R: Rng + ?Sized>(
 /// Delay before looking again at a name the registry says is absent (NXDOMAIN, NODATA,
 /// "."), the `rounds`-th time in a row: the failure back-off, but never before the answer's
 /// negative TTL (its SOA minimum) has run out.
-pub fn absent_backoff<R: Rng + ?Sized>(
+pub(crate) fn absent_backoff<R: Rng + ?Sized>(
     rounds: u32,
     negative_ttl: Option<u32>,
     settings: &ResolverConfig,
@@ -69,7 +69,7 @@ pub fn absent_backoff<R: Rng + ?Sized>(
 /// Retry delay after the `failures`-th failed lookup in a row: doubling from min_refresh,
 /// never above max_refresh, jittered like refreshes (a fleet that lost its DNS server
 /// together must not come back in lock-step).
-pub fn failure_backoff<R: Rng + ?Sized>(
+pub(crate) fn failure_backoff<R: Rng + ?Sized>(
     failures: u32,
     settings: &ResolverConfig,
     rng: &mut R,

@@ -32,7 +32,7 @@ struct TargetState {
 }
 
 /// A service's SRV name, looked up with the shared [`Resolver`].
-pub struct SrvSource {
+pub(crate) struct SrvSource {
     service: String,
     srv: String,
     resolver: Resolver,
@@ -52,7 +52,12 @@ pub struct SrvSource {
 impl SrvSource {
     /// `settings` gives the servers the refusal probe asks (the configured ones, or the
     /// system's).
-    pub fn new(service: &str, srv: &str, resolver: Resolver, settings: &ResolverConfig) -> Self {
+    pub(crate) fn new(
+        service: &str,
+        srv: &str,
+        resolver: Resolver,
+        settings: &ResolverConfig,
+    ) -> Self {
         SrvSource {
             service: service.to_owned(),
             srv: srv.to_owned(),

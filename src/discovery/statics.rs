@@ -25,12 +25,12 @@ pub fn static_endpoints(statics: &[SocketAddr]) -> Vec<Endpoint> {
 
 /// A fixed set of backends.
 #[derive(Debug, Clone)]
-pub struct StaticSource {
+pub(crate) struct StaticSource {
     endpoints: Vec<Endpoint>,
 }
 
 impl StaticSource {
-    pub fn new(statics: &[SocketAddr]) -> StaticSource {
+    pub(crate) fn new(statics: &[SocketAddr]) -> StaticSource {
         StaticSource {
             endpoints: static_endpoints(statics),
         }

@@ -10,14 +10,14 @@ use crate::health::now_ms;
 
 /// What operators see of a service's discovery: shared with status and metrics.
 #[derive(Debug, Default)]
-pub struct DiscoveryStatus {
+pub(crate) struct DiscoveryStatus {
     /// The last lookup failed and the pool serves the last known good answer.
-    pub stale: AtomicBool,
-    pub refreshes: AtomicU64,
-    pub failures: AtomicU64,
+    pub(crate) stale: AtomicBool,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) failures: AtomicU64,
     /// `now_ms` of the last successful lookup (0 = never).
-    pub last_success_ms: AtomicU64,
-    pub last_error: Mutex<Option<String>>,
+    pub(crate) last_success_ms: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
     /// The first lookup's outcome (found, absent or failed) has reached the pool; for a
     /// static-only service, the static backends have. Static backends beside an SRV name
     /// are published before the first lookup, so a non-empty pool does not mean this.
@@ -25,30 +25,30 @@ pub struct DiscoveryStatus {
     first_outcome_notify: tokio::sync::Notify,
     /// Set while DNS says the service is absent (NXDOMAIN, NODATA, lone "."): the empty
     /// hold, and after it the emptied pool. Cleared when records are back.
-    pub absence: Mutex<Option<Absence>>,
+    pub(crate) absence: Mutex<Option<Absence>>,
 }
 
 /// The registry's "absent" answer and the empty hold it started, as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Absence {
+pub(crate) struct Absence {
     /// The answer that started it: "NXDOMAIN", "no SRV records (NODATA)", ...
-    pub reason: String,
+    pub(crate) reason: String,
     /// Wall-clock time (ms since the Unix epoch) of the first absent answer.
-    pub since_unix_ms: u64,
+    pub(crate) since_unix_ms: u64,
     /// When the hold ends and the SRV backends are removed (same clock).
-    pub until_unix_ms: u64,
+    pub(crate) until_unix_ms: u64,
     /// The hold has elapsed and the pool's SRV backends were removed.
-    pub emptied: bool,
+    pub(crate) emptied: bool,
 }
 
 impl Absence {
     /// True while the old backends still serve and the hold has not elapsed.
-    pub fn in_hold(&self) -> bool {
+    pub(crate) fn in_hold(&self) -> bool {
         !self.emptied
     }
 
     /// Milliseconds left in the hold (0 once elapsed).
-    pub fn remaining_ms(&self) -> u64 {
+    pub(crate) fn remaining_ms(&self) -> u64 {
         if self.emptied {
             0
         } else {
@@ -58,7 +58,7 @@ impl Absence {
 }
 
 /// Wall-clock milliseconds since the Unix epoch, for times shown to operators.
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -73,7 +73,7 @@ impl DiscoveryStatus {
     }
 
     /// Returns once the first lookup's outcome is in the pool (see `first_outcome`).
-    pub async fn wait_first_outcome(&self) {
+    pub(crate) async fn wait_first_outcome(&self) {
         loop {
             // Registered before the flag is read, so a notification in between is not lost.
             let notified = self.first_outcome_notify.notified();

@@ -29,8 +29,8 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
     pub target: Arc<str>,
-    pub port: u16,
-    pub addr: SocketAddr,
+    pub(crate) port: u16,
+    pub(crate) addr: SocketAddr,
 }
 
 impl fmt::Display for BackendKey {
@@ -41,14 +41,14 @@ impl fmt::Display for BackendKey {
 
 /// Counters of one backend, updated by connection tasks.
 #[derive(Debug, Default)]
-pub struct BackendStats {
-    pub active: AtomicU64,
-    pub connections: AtomicU64,
-    pub connect_failures: AtomicU64,
+pub(crate) struct BackendStats {
+    pub(crate) active: AtomicU64,
+    pub(crate) connections: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
     /// Bytes from clients to this backend.
-    pub bytes_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
     /// Bytes from this backend to clients.
-    pub bytes_received: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
 }
 
 /// A backend with the state that outlives DNS refreshes.
@@ -56,16 +56,16 @@ pub struct BackendStats {
 pub struct Backend {
     pub key: BackendKey,
     /// Identity string fed to the Maglev table; the same in every srvlb instance.
-    pub name: String,
-    pub stats: BackendStats,
-    pub health: Health,
+    pub(crate) name: String,
+    pub(crate) stats: BackendStats,
+    pub(crate) health: Health,
     /// Left out of the latest DNS answer, but kept in service until a second lookup confirms
     /// the removal (damping). Retries prefer other backends.
     pub(super) removal_pending: AtomicBool,
 }
 
 impl Backend {
-    pub fn new(key: BackendKey) -> Backend {
+    pub(crate) fn new(key: BackendKey) -> Backend {
         Backend {
             name: key.to_string(),
             key,
@@ -75,17 +75,17 @@ impl Backend {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.key.addr
     }
 
-    pub fn active(&self) -> u64 {
+    pub(crate) fn active(&self) -> u64 {
         self.stats.active.load(Ordering::Relaxed)
     }
 
     /// True while the latest answer left this backend out and a second lookup has not yet
     /// confirmed the removal (see `Pool::mark_removal_pending`).
-    pub fn is_removal_pending(&self) -> bool {
+    pub(crate) fn is_removal_pending(&self) -> bool {
         self.removal_pending.load(Ordering::Relaxed)
     }
 }

@@ -12,15 +12,15 @@ use crate::balance::Selection;
 
 /// Most backends a service takes from one answer; beyond that the preferred ones are kept.
 /// Bounds the memory and time a huge (or hostile) answer costs.
-pub const MAX_BACKENDS: usize = 10_000;
+pub(crate) const MAX_BACKENDS: usize = 10_000;
 /// Most tiers (distinct priorities) a service keeps: each costs a selector (for Maglev, a
 /// table of `maglev_size` slots), so thousands of distinct priorities would cost hundreds of MiB.
-pub const MAX_TIERS: usize = 32;
+pub(crate) const MAX_TIERS: usize = 32;
 
 /// `cap` for owned endpoints: discovery trims an answer with it before comparing it with
 /// the current set, so a huge answer costs no more than a capped one. Returns how many
 /// endpoints were cut.
-pub fn trim_to_caps(endpoints: Vec<Endpoint>) -> (Vec<Endpoint>, usize) {
+pub(crate) fn trim_to_caps(endpoints: Vec<Endpoint>) -> (Vec<Endpoint>, usize) {
     let (kept, cut) = cap(&endpoints);
     if cut == 0 && kept.len() == endpoints.len() {
         return (endpoints, 0);
@@ -203,10 +203,17 @@ pub(super) fn build_snapshot(
         tiers.push(Tier {
             priority,
             backends,
+            #[cfg(test)]
             weights,
             srv_weights,
             selector,
         });
     }
-    Ok(Snapshot { tiers, generation })
+    #[cfg(not(test))]
+    let _ = generation;
+    Ok(Snapshot {
+        tiers,
+        #[cfg(test)]
+        generation,
+    })
 }

@@ -18,23 +18,25 @@ use crate::balance::select::TierView;
 use crate::balance::{Selection, SelectorError, TierSelector};
 use crate::health::now_ms;
 
-pub use backend::{Backend, BackendKey, BackendState, BackendStats, Endpoint};
-pub use build::{MAX_BACKENDS, MAX_TIERS, trim_to_caps};
+pub use backend::{Backend, BackendKey, BackendState, Endpoint};
+pub(crate) use build::{MAX_BACKENDS, MAX_TIERS, trim_to_caps};
 use build::{Plan, build_snapshot, cap, plan, plan_reselect};
 
 /// Backends of one SRV priority, with the selector built for them.
 #[derive(Debug)]
 pub struct Tier {
-    pub priority: u16,
+    pub(crate) priority: u16,
     /// Sorted by key, so the same answer always gives the same order.
-    pub backends: Vec<Arc<Backend>>,
+    pub(crate) backends: Vec<Arc<Backend>>,
     /// Selection weights: each SRV record's weight split evenly across the addresses its
-    /// target resolved to (see `address_weights`). Parallel to `backends`.
-    pub weights: Vec<u32>,
+    /// target resolved to (see `address_weights`). Parallel to `backends`. Kept for the
+    /// tests only: the selector holds what it needs of them.
+    #[cfg(test)]
+    pub(crate) weights: Vec<u32>,
     /// The SRV weight of each backend's record, as published. Parallel to `backends`.
-    pub srv_weights: Vec<u16>,
+    pub(crate) srv_weights: Vec<u16>,
     /// Built for the service's algorithm (a P2C service has no Maglev table).
-    pub selector: Box<dyn TierSelector>,
+    pub(crate) selector: Box<dyn TierSelector>,
 }
 
 impl TierView for Tier {
@@ -51,7 +53,7 @@ impl TierView for Tier {
 
 impl Tier {
     /// True when at least one backend of the tier is not ejected.
-    pub fn has_available(&self, now: u64) -> bool {
+    pub(crate) fn has_available(&self, now: u64) -> bool {
         self.backends.iter().any(|b| b.health.is_available(now))
     }
 
@@ -59,7 +61,7 @@ impl Tier {
     /// tier. The cap is a hard limit (rounded down): a tier of 2 at 10 % ejects nothing,
     /// a tier of 1 never ejects (there is nowhere else to send its clients anyway).
     /// Callers hold `Pool::ejection_gate` across this check and the ejection itself.
-    pub fn may_eject_one(&self, now: u64, max_percent: u8) -> bool {
+    pub(crate) fn may_eject_one(&self, now: u64, max_percent: u8) -> bool {
         let ejected = self
             .backends
             .iter()
@@ -76,7 +78,9 @@ impl Tier {
 pub struct Snapshot {
     /// Ascending priority: index 0 is the preferred tier.
     pub tiers: Vec<Tier>,
-    pub generation: u64,
+    /// The pool's publish count when this was built (the tests check what republishes).
+    #[cfg(test)]
+    pub(crate) generation: u64,
 }
 
 impl Snapshot {
@@ -84,13 +88,13 @@ impl Snapshot {
         self.tiers.iter().map(|t| t.backends.len()).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.tiers.is_empty()
     }
 
     /// Index of the tier a new connection would use first.
     /// (Mirrors the selector: a tier of only cap-held backends yields to a healthy one.)
-    pub fn active_tier(&self, now: u64) -> Option<usize> {
+    pub(crate) fn active_tier(&self, now: u64) -> Option<usize> {
         self.tiers
             .iter()
             .position(|t| {
@@ -102,13 +106,13 @@ impl Snapshot {
     }
 
     /// The tier that holds `backend`, found by pointer.
-    pub fn tier_of(&self, backend: &Arc<Backend>) -> Option<&Tier> {
+    pub(crate) fn tier_of(&self, backend: &Arc<Backend>) -> Option<&Tier> {
         self.tiers
             .iter()
             .find(|t| t.backends.iter().any(|b| Arc::ptr_eq(b, backend)))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Tier, &Arc<Backend>)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Tier, &Arc<Backend>)> {
         self.tiers
             .iter()
             .flat_map(|t| t.backends.iter().map(move |b| (t, b)))
@@ -118,16 +122,16 @@ impl Snapshot {
 /// What one `Pool::update` changed, for logging as one line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PoolChange {
-    pub added: usize,
-    pub removed: usize,
-    pub reweighted: usize,
-    pub total: usize,
+    pub(crate) added: usize,
+    pub(crate) removed: usize,
+    pub(crate) reweighted: usize,
+    pub(crate) total: usize,
     /// Endpoints left out because the answer exceeded `MAX_TIERS` or `MAX_BACKENDS`.
-    pub capped: usize,
+    pub(crate) capped: usize,
 }
 
 impl PoolChange {
-    pub fn is_noop(&self) -> bool {
+    pub(crate) fn is_noop(&self) -> bool {
         self.added == 0 && self.removed == 0 && self.reweighted == 0
     }
 }
@@ -205,11 +209,11 @@ impl Pool {
     }
 
     /// Held while a failure is recorded; see `ejection_gate`.
-    pub fn ejection_gate(&self) -> parking_lot::MutexGuard<'_, ()> {
+    pub(crate) fn ejection_gate(&self) -> parking_lot::MutexGuard<'_, ()> {
         self.ejection_gate.lock()
     }
 
-    pub fn service(&self) -> &str {
+    pub(crate) fn service(&self) -> &str {
         &self.service
     }
 
@@ -237,7 +241,7 @@ impl Pool {
     /// Makes `selection` the algorithm of the snapshots built from now on. True when the
     /// published snapshot was built for another one: [`Pool::reselect`] then rebuilds it
     /// (off the runtime: tables take milliseconds), unless an update does so first.
-    pub fn set_selection(&self, selection: Selection) -> bool {
+    pub(crate) fn set_selection(&self, selection: Selection) -> bool {
         let mut members = self.members.lock();
         members.selection = selection;
         members.published.is_some_and(|p| p != selection)
@@ -245,7 +249,7 @@ impl Pool {
 
     /// Rebuilds the snapshot's selectors for the algorithm set last, keeping every
     /// backend; a no-op when the published snapshot already has it.
-    pub fn reselect(&self) -> Result<PoolChange, PoolError> {
+    pub(crate) fn reselect(&self) -> Result<PoolChange, PoolError> {
         self.publish(plan_reselect)
     }
 
@@ -287,7 +291,7 @@ impl Pool {
 
     /// `update` on a blocking thread: building the tables of a large answer takes
     /// milliseconds to tens of milliseconds, which must not stall a runtime worker.
-    pub async fn update_off_runtime(
+    pub(crate) async fn update_off_runtime(
         self: &Arc<Self>,
         endpoints: Vec<Endpoint>,
     ) -> Result<PoolChange, PoolError> {
@@ -302,7 +306,7 @@ impl Pool {
     /// (`keys`) and clears the flag on every other one. Discovery calls it after each
     /// update; until then a newly published backend reads as not pending, which is the
     /// safe side (a retry merely does not avoid it).
-    pub fn mark_removal_pending(&self, keys: &std::collections::HashSet<BackendKey>) {
+    pub(crate) fn mark_removal_pending(&self, keys: &std::collections::HashSet<BackendKey>) {
         for (_, backend) in self.snapshot().iter() {
             backend
                 .removal_pending

@@ -12,14 +12,14 @@ use std::io::{BufRead, BufReader};
 
 /// The accept queue of one listening socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Backlog {
+pub(crate) struct Backlog {
     /// Connections completed by the kernel and waiting for accept(2).
-    pub queued: u64,
+    pub(crate) queued: u64,
 }
 
 /// The accept queue's size for a socket that asked for `requested`: the kernel caps it at
 /// net.core.somaxconn. `None` where that cannot be read.
-pub fn capacity(requested: u64) -> Option<u64> {
+pub(crate) fn capacity(requested: u64) -> Option<u64> {
     let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()?
         .trim()
@@ -30,7 +30,7 @@ pub fn capacity(requested: u64) -> Option<u64> {
 
 /// The socket inode of a descriptor, by which /proc/net/tcp names a socket.
 #[cfg(target_os = "linux")]
-pub fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> Option<u64> {
+pub(crate) fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .ok()
@@ -38,13 +38,13 @@ pub fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> Option<u64> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn socket_inode<T>(_fd: &T) -> Option<u64> {
+pub(crate) fn socket_inode<T>(_fd: &T) -> Option<u64> {
     None
 }
 
 /// The accept queues of the listening sockets whose inodes are in `inodes`; a socket not
 /// found (or a platform without /proc/net/tcp) is absent from the map.
-pub fn read(inodes: &[u64]) -> HashMap<u64, Backlog> {
+pub(crate) fn read(inodes: &[u64]) -> HashMap<u64, Backlog> {
     let mut out = HashMap::new();
     if inodes.is_empty() {
         return out;

@@ -194,7 +194,7 @@ impl FailedConnect<'_> {
 
 /// Whose fault a failed connect is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Blame {
+pub(crate) enum Blame {
     /// Refused, reset, aborted, timed out or unreachable: the backend (or the path to it)
     /// failed. Counts against its health; another backend is tried.
     Backend,
@@ -209,13 +209,13 @@ pub enum Blame {
 
 /// A failed connect and whose fault it is.
 #[derive(Debug)]
-pub struct ConnectError {
-    pub blame: Blame,
-    pub error: io::Error,
+pub(crate) struct ConnectError {
+    pub(crate) blame: Blame,
+    pub(crate) error: io::Error,
 }
 
 /// Classifies an error of `connect(2)` (or of the timeout around it).
-pub fn blame(e: &io::Error) -> Blame {
+pub(crate) fn blame(e: &io::Error) -> Blame {
     use rustix::io::Errno;
     if e.kind() == io::ErrorKind::TimedOut {
         return Blame::Backend;
@@ -240,7 +240,10 @@ pub fn blame(e: &io::Error) -> Blame {
 }
 
 /// Connects with TCP_NODELAY within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),

@@ -19,14 +19,14 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use super::pause::PAUSE_LOG_AFTER;
-pub use super::pause::{ListenerStatus, Pause};
-pub use super::tracker::{ConnectionTracker, Tracked};
+pub(crate) use super::pause::{ListenerStatus, Pause};
+pub(crate) use super::tracker::{ConnectionTracker, Tracked};
 use super::{LogThrottle, serve_client, set_keepalive};
 use crate::service::Service;
 use crate::workers::Workers;
 
 /// Kernel accept queue length; the kernel caps it at net.core.somaxconn.
-pub const BACKLOG: i32 = 4096;
+pub(crate) const BACKLOG: i32 = 4096;
 
 /// Binds a listening socket the way a long-running proxy needs it: SO_REUSEADDR so a restart
 /// does not wait for TIME_WAIT, SO_REUSEPORT so several acceptors can share a port,
@@ -38,7 +38,7 @@ pub const BACKLOG: i32 = 4096;
 /// reload replace "0.0.0.0:P" by "127.0.0.1:P" without a gap (the new socket is bound while the
 /// old one still listens). The price: a second srvlb started by mistake under the same user
 /// shares the port silently instead of failing.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
@@ -57,8 +57,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// A running listener: one socket and an accept loop on every worker. The service it feeds
 /// can be swapped on reload without touching the socket.
 #[derive(Debug)]
-pub struct Listener {
-    pub addr: SocketAddr,
+pub(crate) struct Listener {
+    pub(crate) addr: SocketAddr,
     service: Arc<ArcSwap<Service>>,
     status: Arc<ListenerStatus>,
     /// Ticks after each swap, so an accept loop waiting for a permit of the old service's
@@ -73,8 +73,8 @@ pub struct Listener {
 /// Everything that can fail happens before this exists, so a reload can bind all its new
 /// addresses first and then start them without a step that could fail half-way.
 #[derive(Debug)]
-pub struct Bound {
-    pub addr: SocketAddr,
+pub(crate) struct Bound {
+    pub(crate) addr: SocketAddr,
     /// The same socket once per worker (duplicated descriptors), each registered with that
     /// worker's reactor, with the worker's handle to run its accept loop on.
     loops: Vec<(TcpListener, Handle)>,
@@ -82,7 +82,7 @@ pub struct Bound {
 
 impl Bound {
     /// Binds `addr` (see [`bind`]) and registers the socket with each worker.
-    pub fn bind(addr: SocketAddr, workers: &Workers) -> io::Result<Bound> {
+    pub(crate) fn bind(addr: SocketAddr, workers: &Workers) -> io::Result<Bound> {
         let socket = bind(addr)?;
         let addr = socket.local_addr()?;
         let mut loops = Vec::with_capacity(workers.count());
@@ -98,7 +98,7 @@ impl Bound {
     /// Sets the keepalive that accepted sockets inherit, before the listener starts: the
     /// kernel completes handshakes from the backlog while a new service waits for its first
     /// DNS answer, and those sockets copy the listener's options at that moment.
-    pub fn set_keepalive(&self, every: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn set_keepalive(&self, every: Option<Duration>) -> io::Result<()> {
         match self.loops.first() {
             Some((listener, _)) => set_keepalive(listener.into(), every),
             None => Ok(()),
@@ -108,7 +108,11 @@ impl Bound {
 
 impl Listener {
     /// Starts an accept loop on every worker the socket was bound for.
-    pub fn start(bound: Bound, service: Arc<Service>, tracker: ConnectionTracker) -> Listener {
+    pub(crate) fn start(
+        bound: Bound,
+        service: Arc<Service>,
+        tracker: ConnectionTracker,
+    ) -> Listener {
         let slot = Arc::new(ArcSwap::new(service));
         let inode = bound
             .loops
@@ -150,16 +154,16 @@ impl Listener {
         }
     }
 
-    pub fn service(&self) -> Arc<Service> {
+    pub(crate) fn service(&self) -> Arc<Service> {
         self.service.load_full()
     }
 
     /// What /metrics and /status show of this listener.
-    pub fn status(&self) -> &Arc<ListenerStatus> {
+    pub(crate) fn status(&self) -> &Arc<ListenerStatus> {
         &self.status
     }
 
-    pub fn set_service(&self, service: Arc<Service>) {
+    pub(crate) fn set_service(&self, service: Arc<Service>) {
         // A reload that keeps the service must not make the loops give up their permits and
         // queue again behind everyone else.
         if Arc::ptr_eq(&self.service.load(), &service) {
@@ -172,7 +176,7 @@ impl Listener {
 
     /// Stops accepting and closes the socket (once every loop has let go of it); open
     /// connections are not touched.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.stop.send(true);
         let mut drained = 0;
         for task in self.tasks {

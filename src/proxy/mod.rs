@@ -41,7 +41,7 @@ pub(crate) use crate::log_throttle::LogThrottle;
 
 /// An IPv4 client reaching an IPv6 listener appears as `::ffff:a.b.c.d`; every rule about
 /// clients (allow/deny, the Maglev key, per-source limits, the PROXY header) means `a.b.c.d`.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -52,7 +52,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// True when `client` may use the service: not in `deny`, and in `allow` when it is set.
-pub fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
+pub(crate) fn client_allowed(config: &ServiceConfig, client: IpAddr) -> bool {
     let ip = canonical_ip(client);
     if config.deny.iter().any(|net| net.contains(&ip)) {
         return false;
@@ -83,7 +83,7 @@ impl Drop for ServiceActive<'_> {
 /// grace has elapsed, so that the connection is ended by its own task, which knows whether
 /// bytes are still in flight (and then resets both sides instead of closing them cleanly).
 #[allow(clippy::manual_async_fn)] // see the comment in the body
-pub fn serve_client(
+pub(crate) fn serve_client(
     service: Arc<Service>,
     mut client: TcpStream,
     peer: SocketAddr,

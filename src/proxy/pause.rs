@@ -16,7 +16,7 @@ use crate::service::Service;
 
 /// Why a listener is not accepting right now. Clients meanwhile wait in its backlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pause {
+pub(crate) enum Pause {
     /// The service has `max_connections` open.
     MaxConnections,
     /// The process has as many proxied connections as its descriptors allow (`fd_budget`).
@@ -26,10 +26,10 @@ pub enum Pause {
 }
 
 impl Pause {
-    pub const ALL: [Pause; 3] = [Pause::MaxConnections, Pause::FdCap, Pause::AcceptBackoff];
+    pub(crate) const ALL: [Pause; 3] = [Pause::MaxConnections, Pause::FdCap, Pause::AcceptBackoff];
 
     /// The label in metrics, status and logs.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Pause::MaxConnections => "max_connections",
             Pause::FdCap => "fd_cap",
@@ -45,8 +45,8 @@ impl Pause {
 /// What one listener shows /metrics and /status: its address, the service it feeds, whether
 /// its accept loops are waiting and for what, and how often they had to.
 #[derive(Debug)]
-pub struct ListenerStatus {
-    pub addr: SocketAddr,
+pub(crate) struct ListenerStatus {
+    pub(crate) addr: SocketAddr,
     /// The socket's inode, by which its accept queue is found (`backlog::read`).
     inode: Option<u64>,
     service: Arc<ArcSwap<Service>>,
@@ -83,17 +83,17 @@ impl ListenerStatus {
         }
     }
 
-    pub fn service_name(&self) -> String {
+    pub(crate) fn service_name(&self) -> String {
         self.service.load().name.clone()
     }
 
-    pub fn inode(&self) -> Option<u64> {
+    pub(crate) fn inode(&self) -> Option<u64> {
         self.inode
     }
 
     /// Why the listener is not accepting now, and since when (`now_ms` clock); `None` while
     /// any of its loops can take a client (they share one accept queue).
-    pub fn paused(&self) -> Option<(Pause, u64)> {
+    pub(crate) fn paused(&self) -> Option<(Pause, u64)> {
         let mut earliest: Option<(Pause, u64)> = None;
         for state in self.loops.iter() {
             let code = state.paused.load(Ordering::Relaxed);
@@ -107,7 +107,7 @@ impl ListenerStatus {
     }
 
     /// Pause episodes for `reason` since the listener started.
-    pub fn pauses_total(&self, reason: Pause) -> u64 {
+    pub(crate) fn pauses_total(&self, reason: Pause) -> u64 {
         self.pauses[reason.index()].load(Ordering::Relaxed)
     }
 

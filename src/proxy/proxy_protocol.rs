@@ -284,7 +284,7 @@ fn v2_addresses(family: u8, block: &[u8]) -> Result<Option<(SocketAddr, SocketAd
 
 /// Why no header could be read from a connection.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadHeaderError {
+pub(crate) enum ReadHeaderError {
     #[error(transparent)]
     Invalid(#[from] HeaderError),
     #[error("no complete PROXY header within {0:?}")]
@@ -303,7 +303,7 @@ pub enum ReadHeaderError {
 /// Bytes are peeked first and decoded; only a complete header is consumed. While the header
 /// is incomplete, the bytes peeked so far are consumed into a buffer (they are all header),
 /// so that the next peek waits for new bytes instead of returning the same ones at once.
-pub async fn read_header(
+pub(crate) async fn read_header(
     stream: &mut TcpStream,
     timeout: Duration,
 ) -> Result<ProxyHeader, ReadHeaderError> {

@@ -21,9 +21,9 @@ use super::tables::health;
 
 /// A service valid on its own, with the spans the checks across services point at.
 pub(super) struct CheckedService {
-    pub service: ServiceConfig,
-    pub name_span: Range<usize>,
-    pub listen_spans: Vec<Range<usize>>,
+    pub(crate) service: ServiceConfig,
+    pub(crate) name_span: Range<usize>,
+    pub(crate) listen_spans: Vec<Range<usize>>,
 }
 
 /// Validates one service on its own: its identity and listeners, its discovery source, then
