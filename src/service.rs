@@ -41,10 +41,13 @@ pub(crate) struct ServiceStats {
     pub(crate) histograms: ConnectionHistograms,
 }
 
+/// A running service: configuration, pool, discovery task, counters and connection limit.
 #[derive(Debug)]
 pub struct Service {
+    /// The configured `name`.
     pub name: String,
     config: ArcSwap<ServiceConfig>,
+    /// Its backends, as discovery last published them.
     pub pool: Arc<Pool>,
     pub(crate) discovery_status: Arc<DiscoveryStatus>,
     pub(crate) stats: ServiceStats,

@@ -17,9 +17,11 @@ use crate::config::HashKey;
 
 /// A tier as the selector walks it: its backends and the selector built for them.
 pub trait TierView {
+    /// The backend type the tier holds.
     type Backend: Candidate;
     /// The members the tier's selector indexes, in its build order.
     fn backends(&self) -> &[Arc<Self::Backend>];
+    /// The selector built for this tier's backends (Maglev table, P2C weights).
     fn selector(&self) -> &dyn TierSelector;
 }
 
@@ -78,6 +80,8 @@ pub struct Selector<'a, T: TierView> {
 }
 
 impl<'a, T: TierView> Selector<'a, T> {
+    /// A walk over `tiers` (preferred first) for the client whose hashed key is `key`, judging
+    /// health at `now` (`health::now_ms`).
     pub fn new(tiers: &'a [T], key: u64, now: u64) -> Selector<'a, T> {
         Selector {
             tiers,

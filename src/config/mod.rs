@@ -32,12 +32,15 @@ pub use error::ConfigError;
 pub struct Config {
     /// Where the configuration came from (the path given to `load`, or `parse`'s origin).
     pub(crate) source: PathBuf,
+    /// `[global]`.
     pub global: GlobalConfig,
+    /// `[resolver]`.
     pub resolver: ResolverConfig,
     /// In file order; at least one, names and listen addresses unique.
     pub services: Vec<ServiceConfig>,
 }
 
+/// The `[global]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GlobalConfig {
     /// Metrics and status endpoint; `None` means no admin listener.
@@ -47,6 +50,7 @@ pub struct GlobalConfig {
     /// Read from `admin_token_file` when the configuration is loaded; when set, every admin
     /// request but `/healthz` must carry it as a bearer token.
     pub(crate) admin_token: Option<AdminToken>,
+    /// `log_format`: how log lines are written.
     pub log_format: LogFormat,
     /// How long `SIGTERM` waits for connections to finish before closing them.
     pub(crate) shutdown_grace: Duration,
@@ -68,12 +72,16 @@ impl GlobalConfig {
     }
 }
 
+/// `[global] log_format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+/// The `[resolver]` table: the DNS client and the refresh policy every SRV service shares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolverConfig {
     /// Empty means the system resolver (resolv.conf).
@@ -99,14 +107,18 @@ pub(crate) enum AddressFamily {
     Ipv6,
 }
 
+/// One `[[service]]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
+    /// `name`: unique; labels logs, metrics and /status.
     pub name: String,
     /// Never empty.
     pub listen: Vec<SocketAddr>,
+    /// `srv`: the SRV name to discover backends from, when set.
     pub srv: Option<String>,
     /// Fixed backends (TOML key `static`). At least one of `srv` and this is set.
     pub static_backends: Vec<SocketAddr>,
+    /// `balance`: the selection algorithm.
     pub balance: Balance,
     /// Only used by `Balance::Maglev`.
     pub(crate) hash_key: HashKey,
@@ -117,6 +129,7 @@ pub struct ServiceConfig {
     pub(crate) tcp_keepalive: Option<Duration>,
     /// Further backends tried after a failed connect.
     pub connect_retries: u32,
+    /// `max_connections`: open connections at most; more clients wait in the backlog.
     pub max_connections: usize,
     /// Open connections one source (an IPv4 address or an IPv6 /64) may have; `None`: no
     /// limit.
@@ -127,6 +140,7 @@ pub struct ServiceConfig {
     /// also be in `allow`. Networks are stored with host bits clear.
     pub(crate) allow: Vec<ipnet::IpNet>,
     pub(crate) deny: Vec<ipnet::IpNet>,
+    /// `send_proxy`: the PROXY header version sent to backends, when set.
     pub send_proxy: Option<ProxyProtocol>,
     /// Every connection must start with a PROXY header (v1 or v2), whose client address
     /// then stands for the connection's: a balancer in front tells who the client is.
@@ -150,9 +164,12 @@ pub(crate) struct RatePerSource {
 /// peer is noticed within `(1 + KEEPALIVE_PROBES) * tcp_keepalive` of silence.
 pub(crate) const KEEPALIVE_PROBES: u32 = 4;
 
+/// `balance`: how a tier picks a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
+    /// A Maglev table keyed by the client address: stable, consistent hashing.
     Maglev,
+    /// Power of two choices by active connections per unit of weight.
     P2c,
 }
 
@@ -162,9 +179,12 @@ pub(crate) enum HashKey {
     ClientIpPort,
 }
 
+/// A PROXY protocol version (`send_proxy`, and what `accept_proxy` read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocol {
+    /// The text header.
     V1,
+    /// The binary header.
     V2,
 }
 

@@ -25,6 +25,7 @@ mod run;
 
 pub use run::run;
 
+/// Why the process could not start, or why a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("{0}")]
@@ -126,6 +127,7 @@ impl Server {
         &self.tracker
     }
 
+    /// The running services.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }

@@ -41,8 +41,11 @@ pub enum Answer {
     /// Records (possibly after resolving targets) and the smallest TTL among them.
     /// `unresolved` is set when some targets failed transiently and were skipped or kept.
     Found {
+        /// The backends found, one per address.
         endpoints: Vec<Endpoint>,
+        /// The smallest TTL among the records, in seconds.
         ttl: u32,
+        /// Targets that failed transiently, when any did.
         unresolved: Option<Unresolved>,
     },
     /// NXDOMAIN, an empty answer, or the lone target "." (service deliberately absent).

@@ -46,6 +46,7 @@ pub(crate) use status::DiscoveryStatus;
 /// traffic only when no SRV backend is usable. Alone, they form the only tier.
 pub(crate) const STATIC_PRIORITY: u16 = u16::MAX;
 
+/// Why the DNS resolver could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("cannot read the system resolver configuration: {0}")]

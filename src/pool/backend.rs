@@ -15,7 +15,9 @@ use crate::health::Health;
 pub struct Endpoint {
     /// SRV target (lower-case, absolute) or, for a static backend, the address as written.
     pub target: String,
+    /// SRV port, or the static address's port.
     pub port: u16,
+    /// The address connections go to.
     pub addr: SocketAddr,
     /// RFC 2782 priority: lower is preferred.
     pub priority: u16,
@@ -28,6 +30,7 @@ pub struct Endpoint {
 /// plays no part, so reordered answers change nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
+    /// SRV target (or the static address as written).
     pub target: Arc<str>,
     pub(crate) port: u16,
     pub(crate) addr: SocketAddr,
@@ -54,6 +57,7 @@ pub(crate) struct BackendStats {
 /// A backend with the state that outlives DNS refreshes.
 #[derive(Debug)]
 pub struct Backend {
+    /// Its identity: SRV target, port and address.
     pub key: BackendKey,
     /// Identity string fed to the Maglev table; the same in every srvlb instance.
     pub(crate) name: String,
@@ -93,14 +97,18 @@ impl Backend {
 /// The state an operator sees for a backend, with its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendState {
+    /// Takes new connections.
     Active,
     /// Ejected by passive health checking until `until_ms` (on the `now_ms` clock).
     Ejected {
+        /// Until when (`now_ms` clock).
         until_ms: u64,
+        /// Consecutive failures that led to the ejection.
         failures: u32,
     },
     /// Removed from discovery; `connections` still open.
     Draining {
+        /// Connections still open.
         connections: u64,
     },
     /// In a tier that is not in use because a preferred tier has usable backends.
@@ -109,12 +117,15 @@ pub enum BackendState {
     /// target itself is served (e.g. an AAAA address on a host whose backend listens on
     /// IPv4 only). Not a fault of the target.
     AddressUnused {
+        /// Until when (`now_ms` clock).
         until_ms: u64,
+        /// Consecutive failures that led to the ejection.
         failures: u32,
     },
 }
 
 impl BackendState {
+    /// The state's name as /status and the metrics show it.
     pub fn label(&self) -> &'static str {
         match self {
             BackendState::Active => "active",

@@ -84,6 +84,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Backends in all tiers.
     pub fn backend_count(&self) -> usize {
         self.tiers.iter().map(|t| t.backends.len()).sum()
     }
@@ -172,9 +173,13 @@ struct Member {
 /// state now.
 #[derive(Debug, Clone)]
 pub struct BackendStatus {
+    /// The backend.
     pub backend: Arc<Backend>,
+    /// Its SRV record's priority (its tier).
     pub priority: u16,
+    /// Its SRV record's weight.
     pub weight: u16,
+    /// What it is doing now, and why.
     pub state: BackendState,
 }
 

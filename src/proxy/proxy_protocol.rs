@@ -81,6 +81,7 @@ const V2_FIXED: usize = 16;
 /// What a PROXY header says about the connection it precedes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyHeader {
+    /// The protocol version the header was written in.
     pub version: ProxyProtocol,
     /// The original client and the address it connected to, or `None` when the header
     /// carries no usable address (v1 `UNKNOWN`, v2 `LOCAL` such as a health check of the
@@ -109,11 +110,14 @@ pub enum HeaderError {
 pub enum Decoded {
     /// A whole header: the first `length` bytes are the header, the rest is payload.
     Header {
+        /// The header decoded.
         header: ProxyHeader,
+        /// Its length in bytes.
         length: usize,
     },
     /// Nothing wrong so far, but the header is not complete yet.
     Incomplete,
+    /// Not a valid PROXY header: the connection is refused.
     Invalid(HeaderError),
 }
 
