@@ -8,9 +8,11 @@
 #![forbid(unsafe_code)]
 
 // The public API is what the `srvlb` binary, the demo (examples/demo.rs), the benches and
-// the integration tests (tests/it) use: the configuration, the process (`control`), a
-// service and its pool, selection, discovery's lookups, the PROXY header codec. The rest is
-// crate-private.
+// the integration tests (tests/it) use, and no more: the configuration, the process
+// (`control::run`, `Server`), a service and its pool, selection for the benches, discovery's
+// lookups for `srvlb check --resolve`, the PROXY header codec. Inside these modules every
+// other item is `pub(crate)` (ARCHITECTURE.md, "The public API"); the modules declared
+// `pub(crate)` here are used by nothing outside.
 pub mod access_log;
 pub(crate) mod admin;
 pub mod balance;
