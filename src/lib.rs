@@ -7,7 +7,7 @@
 // splice, pipes and socket options go through rustix and socket2; nothing here needs unsafe.
 #![forbid(unsafe_code)]
 
-// The public API is what the `srvlb` binary, the demo (examples/demo.rs), the benches and
+// The public API is what the `srvlb` binary, the demo (examples/demo/), the benches and
 // the integration tests (tests/it) use, and no more: the configuration, the process
 // (`control::run`, `Server`), a service and its pool, selection for the benches, discovery's
 // lookups for `srvlb check --resolve`, the PROXY header codec. Inside these modules every
