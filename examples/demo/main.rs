@@ -108,7 +108,7 @@ struct Demo {
 }
 
 impl Demo {
-    /// 1. The DNS server, four echo backends published as SRV records, and srvlb once both
+    /// Step 1: the DNS server, four echo backends published as SRV records, and srvlb once both
     /// services have found them.
     async fn set_up() -> DemoResult<Demo> {
         section("1. Set-up: DNS server, four echo backends, srvlb");
@@ -167,7 +167,7 @@ impl Demo {
         })
     }
 
-    /// 2. Anonymous clients through the p2c service.
+    /// Step 2: anonymous clients through the p2c service.
     async fn p2c_spread(&mut self, sources: &[Option<Ipv4Addr>]) {
         section("2. p2c: 400 connections through web-p2c, 20 at a time");
         println!(
@@ -183,7 +183,7 @@ impl Demo {
         self.total.add(&tally);
     }
 
-    /// 3. One connection per client address through the maglev service, then a few
+    /// Step 3: one connection per client address through the maglev service, then a few
     /// addresses again to show they stay. Returns where each address landed.
     async fn maglev_spread(&mut self, clients: &[Option<Ipv4Addr>]) -> HashMap<Ipv4Addr, String> {
         section("3. maglev: one connection from each of 200 client addresses through web-maglev");
@@ -221,7 +221,7 @@ impl Demo {
         before
     }
 
-    /// 4. bravo stops listening: the same traffic again, and which maglev clients moved.
+    /// Step 4: bravo stops listening: the same traffic again, and which maglev clients moved.
     async fn bravo_fails(
         &mut self,
         sources: &[Option<Ipv4Addr>],
@@ -269,7 +269,7 @@ impl Demo {
         self.print_status().await
     }
 
-    /// 5. New records while clients keep connecting: bravo gone, foxtrot added, two
+    /// Step 5: new records while clients keep connecting: bravo gone, foxtrot added, two
     /// backends reweighted; the pools follow, then the traffic splits by the new weights.
     /// Returns foxtrot, which runs from here on.
     async fn dns_change(
@@ -328,7 +328,7 @@ impl Demo {
         Ok(foxtrot)
     }
 
-    /// 6. Every backend of the preferred tier stops listening: the backup tier serves.
+    /// Step 6: every backend of the preferred tier stops listening: the backup tier serves.
     async fn preferred_tier_fails(
         &mut self,
         foxtrot: &mut EchoBackend,
@@ -370,7 +370,7 @@ impl Demo {
         .await
     }
 
-    /// 7. What every backend accepted, then everything shut down; an error when any client
+    /// Step 7: what every backend accepted, then everything shut down; an error when any client
     /// failed.
     async fn summary(mut self, foxtrot: EchoBackend) -> DemoResult<String> {
         section("7. Summary");
