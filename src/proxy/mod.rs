@@ -121,7 +121,11 @@ pub fn serve_client(
         let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
         // Awaited in a statement of its own: a future awaited in a `match` scrutinee would stay
         // part of this task's state through the whole transfer in the arm.
-        let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream).await;
+        // Only the error's kind is kept: an `io::Error` would be held (to be dropped) through
+        // the whole transfer.
+        let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream)
+            .await
+            .map_err(|e| e.kind());
         let transfer = match header_sent {
             Ok(()) => {
                 // Pinned here and lent down: a future passed by value is stored again by every
@@ -129,9 +133,9 @@ pub fn serve_client(
                 let cut = std::pin::pin!(tracked.cut());
                 transfer(&service, &config, &client, &connected, cut).await
             }
-            Err(e) => {
+            Err(kind) => {
                 reset_on_close(&client);
-                Transfer::failed_before_data(e.kind())
+                Transfer::failed_before_data(kind)
             }
         };
         judge::judge_transfer(&service, &config, backend, connected.at, &transfer);
@@ -379,7 +383,7 @@ fn transfer(
     config: &ServiceConfig,
     client: &TcpStream,
     connected: &Connected,
-    cut: impl Future<Output = ()>,
+    cut: impl Future<Output = ()> + Unpin,
 ) -> impl Future<Output = Transfer> {
     // Not an `async fn`: its arguments would be stored twice in the future (see
     // `proxy::tests::a_connection_task_stays_small`).
