@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
 use srvlb::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/srvlb/config.toml";
 
 #[derive(Parser)]

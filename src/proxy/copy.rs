@@ -106,7 +106,7 @@ pub fn proxy_streams(
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
-    cut: impl Future<Output = ()>,
+    cut: impl Future<Output = ()> + Unpin,
     on_bytes: &(dyn Fn(Side, u64) + Sync),
 ) -> impl Future<Output = Transfer> {
     // Not an `async fn`: its arguments would be stored twice in the future (see
@@ -134,7 +134,7 @@ pub fn proxy_streams(
             pipes,
         };
         let sleep = tokio::time::sleep(idle);
-        tokio::pin!(sleep, cut);
+        tokio::pin!(sleep);
         let (end, first_to_finish, open) = Both {
             shared: &shared,
             c2b: Leg::Moving(Direction::new(Side::Client)),
@@ -188,7 +188,8 @@ struct Both<'a, C> {
     c2b: Leg<'a>,
     b2c: Leg<'a>,
     idle: IdleClock<'a>,
-    cut: Pin<&'a mut C>,
+    /// Pinned by the caller (`Unpin` here): pinning it again would store it twice.
+    cut: C,
     first_to_finish: Option<(Side, u64)>,
 }
 
@@ -251,7 +252,7 @@ impl<'a> Leg<'a> {
     }
 }
 
-impl<C: Future<Output = ()>> Future for Both<'_, C> {
+impl<C: Future<Output = ()> + Unpin> Future for Both<'_, C> {
     type Output = (End, Option<(Side, u64)>, bool);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -280,7 +281,7 @@ impl<C: Future<Output = ()>> Future for Both<'_, C> {
         if this.idle.poll_expired(cx).is_ready() {
             return ended(this, End::IdleTimeout);
         }
-        if this.cut.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut this.cut).poll(cx).is_ready() {
             return ended(this, End::Shutdown);
         }
         Poll::Pending

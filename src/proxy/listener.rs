@@ -286,10 +286,7 @@ async fn accept_loop(
                 // Served by the service whose permit it holds; a swap since then restarts
                 // the loop for the next client (`swapped`). Spawned on this worker.
                 let tracked = this.tracker.track();
-                tokio::spawn(async move {
-                    let _permits = permits;
-                    serve_client(service, stream, peer, tracked).await;
-                });
+                tokio::spawn(serve_client(service, stream, peer, tracked, permits));
             }
             Err(e) => {
                 if this.back_off(&mut backoff, &e, &mut stop).await {
@@ -431,10 +428,13 @@ fn drain_backlog(
         drained += 1;
         let service = Arc::clone(&service);
         let tracked = tracker.track();
-        tokio::spawn(async move {
-            let _permits = (permit, fd_permit);
-            serve_client(service, stream, peer, tracked).await;
-        });
+        tokio::spawn(serve_client(
+            service,
+            stream,
+            peer,
+            tracked,
+            (permit, fd_permit),
+        ));
     }
     drained
 }

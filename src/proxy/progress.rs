@@ -22,7 +22,9 @@ pub(crate) struct Progress<'a> {
     /// kernel has not said "writable": it says so only once a third of the send buffer is
     /// free, which a slow but steady reader may take longer than the idle timeout to free.
     /// A quarter of the idle timeout, so progress is seen well before the clock runs out.
-    probe_every: Duration,
+    /// In milliseconds (u32: 49 days, longer is capped), as two of these are in every
+    /// connection's task.
+    probe_every_ms: u32,
     /// True while the pump holds bytes taken from the source and not yet all written to
     /// the destination (in its buffer or pipe).
     holding: AtomicBool,
@@ -32,7 +34,7 @@ impl<'a> Progress<'a> {
     pub(crate) fn new(last_activity: &'a AtomicU64, idle: Duration) -> Progress<'a> {
         Progress {
             last_activity,
-            probe_every: (idle / 4).max(Duration::from_millis(10)),
+            probe_every_ms: u32::try_from((idle / 4).as_millis().max(10)).unwrap_or(u32::MAX),
             holding: AtomicBool::new(false),
         }
     }
@@ -66,7 +68,8 @@ impl<'a> Progress<'a> {
         to: &TcpStream,
         mut write: impl FnMut() -> io::Result<usize>,
     ) -> io::Result<usize> {
-        if writable_or_probe(to, self.probe_every).await? {
+        let probe_every = Duration::from_millis(u64::from(self.probe_every_ms));
+        if writable_or_probe(to, probe_every).await? {
             to.try_io(Interest::WRITABLE, write)
         } else {
             write()
