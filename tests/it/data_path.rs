@@ -502,7 +502,8 @@ fn a_slow_reader_that_keeps_reading_gets_every_byte() {
         eprintln!("{path}: slow reader: {end:?} of {TOTAL} bytes");
         assert!(
             matches!(end, StreamEnd::Eof(got) if got == TOTAL),
-            "{path}: the slow reader got {end:?} of {TOTAL} bytes"
+            "{path}: the slow reader got {end:?} of {TOTAL} bytes; srvlb said: {:?}",
+            lb.events("connection closed")
         );
         assert!(
             !lb.events("connection closed")
