@@ -29,6 +29,14 @@ pub enum Side {
 }
 
 impl Side {
+    /// The other leg of the connection.
+    pub(crate) fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Side::Client => "client",
@@ -213,10 +221,6 @@ impl<'a> Leg<'a> {
         (source, other_finished): (Side, bool),
         first: &mut Option<(Side, u64)>,
     ) -> Poll<End> {
-        let destination = match source {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        };
         loop {
             match self {
                 Leg::Moving(direction) => match ready!(direction.poll_move(cx, shared)) {
@@ -227,15 +231,12 @@ impl<'a> Leg<'a> {
                             *self = Leg::Finished(None);
                             return Poll::Pending;
                         }
-                        let stream = match source {
-                            Side::Client => shared.client,
-                            Side::Backend => shared.backend,
-                        };
-                        *self = Leg::Finished(Some(Box::pin(peer_error(stream))));
+                        let (source_stream, _) = shared.ends(source);
+                        *self = Leg::Finished(Some(Box::pin(peer_error(source_stream))));
                     }
                     Err(DirectionError::Read(e)) => return Poll::Ready(fail(source, e, first)),
                     Err(DirectionError::Write(e)) => {
-                        return Poll::Ready(fail(destination, e, first));
+                        return Poll::Ready(fail(source.other(), e, first));
                     }
                 },
                 Leg::Finished(None) => return Poll::Pending,
@@ -384,6 +385,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use crate::proxy::direction::splice_enabled;
+
     /// Runs one direction (client to backend) until it finishes.
     async fn pump(
         (client, backend): (&TcpStream, &TcpStream),
@@ -421,7 +424,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn splice_only_for_bulk() {
-        if !super::super::direction::splice_enabled() {
+        if !splice_enabled() {
             return; // SRVLB_SPLICE=0: nothing is spliced at all.
         }
         let (mut client, near) = pair().await;
@@ -467,7 +470,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn no_pipe_falls_back_to_copy_without_losing_bytes() {
-        if !super::super::direction::splice_enabled() {
+        if !splice_enabled() {
             return; // SRVLB_SPLICE=0: the copy path is used anyway.
         }
         let (mut client, near) = pair().await;

@@ -56,7 +56,8 @@ pub(crate) struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    fn ends(&self, side: Side) -> (&TcpStream, &TcpStream) {
+    /// The socket bytes whose source is `side` come from, and the one they go to.
+    pub(crate) fn ends(&self, side: Side) -> (&TcpStream, &TcpStream) {
         match side {
             Side::Client => (self.client, self.backend),
             Side::Backend => (self.backend, self.client),
