@@ -96,6 +96,10 @@ pub(crate) struct Fetched {
     /// Ask for the whole set now (an SRV target lost every address between two SRV
     /// lookups: the whole name may be going away).
     pub(crate) full_round_now: bool,
+    /// In a partial round: the set's records are those of the last query for them, which
+    /// answered, so a set found now is as current as a full round's (the service is no
+    /// longer stale). False when that query failed: the records may be out of date.
+    pub(crate) records_current: bool,
 }
 
 /// Starts the discovery task of `service`: its SRV name with the static backends beside it,

@@ -25,6 +25,18 @@ struct AbsentState {
     emptied: bool,
 }
 
+/// How much of the set a round looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// The whole set (the SRV records and their targets): the answer says everything
+    /// about the registry (staleness, the empty hold, the next full round).
+    Full,
+    /// Only some targets' addresses. `records_current`: the records came from a query that
+    /// answered, so a found set ends staleness (the targets were what failed); otherwise
+    /// the answer says nothing about the registry.
+    Addresses { records_current: bool },
+}
+
 /// The refresh loop of one service over its source `S`. Runs until `shutdown` flips to true.
 pub(crate) struct Discovery<S> {
     pub(super) service: String,
@@ -137,7 +149,14 @@ impl<S: Source> Discovery<S> {
     async fn take(&mut self, fetched: Fetched, full: bool) {
         if let Some(answer) = fetched.answer {
             self.negative_ttl = fetched.negative_ttl;
-            let delay = self.refresh(answer, full).await;
+            let scope = if full {
+                Scope::Full
+            } else {
+                Scope::Addresses {
+                    records_current: fetched.records_current,
+                }
+            };
+            let delay = self.refresh(answer, scope).await;
             if full {
                 self.due = Instant::now() + delay;
             }
@@ -179,10 +198,9 @@ impl<S: Source> Discovery<S> {
         }
     }
 
-    /// The consequences of one answer; returns when to ask for the whole set again.
-    /// `full` is false when only part of the set was looked up (an SRV target's
-    /// addresses): such an answer says nothing about the registry (staleness, the hold).
-    pub(super) async fn refresh(&mut self, answer: Answer, full: bool) -> Duration {
+    /// The consequences of one answer; returns when to ask for the whole set again (only
+    /// meaningful for a full round).
+    pub(super) async fn refresh(&mut self, answer: Answer, scope: Scope) -> Duration {
         // Settings from a reload apply from here on: the hold, the next interval. (Read
         // unconditionally: the sleep above may already have marked the change as seen.)
         self.settings = self.settings_updates.borrow_and_update().clone();
@@ -191,7 +209,7 @@ impl<S: Source> Discovery<S> {
                 endpoints,
                 ttl,
                 unresolved,
-            } => self.found(endpoints, ttl, unresolved, full).await,
+            } => self.found(endpoints, ttl, unresolved, scope).await,
             Answer::Absent(why) => self.absent(why).await,
             Answer::Failed(why) => self.failed(why),
         }
@@ -202,19 +220,23 @@ impl<S: Source> Discovery<S> {
         endpoints: Vec<Endpoint>,
         ttl: u32,
         unresolved: Option<Unresolved>,
-        full: bool,
+        scope: Scope,
     ) -> Duration {
         self.log_unresolved(unresolved);
-        if !full {
-            self.accept_answer(endpoints).await;
-            return Duration::ZERO;
+        match scope {
+            Scope::Full => {}
+            Scope::Addresses { records_current } => {
+                // Before the pool holds the set, so that /status never calls a served
+                // set stale.
+                if records_current {
+                    self.succeeded(endpoints.len());
+                }
+                self.accept_answer(endpoints).await;
+                return Duration::ZERO;
+            }
         }
+        self.succeeded(endpoints.len());
         let srv = self.source.name();
-        self.answered = true;
-        self.consecutive_failures = 0;
-        if self.status.succeed() {
-            info!(service = %self.service, srv, backends = endpoints.len(), "DNS lookups recovered");
-        }
         let was_absent = self.absent.take();
         if let Some(absent) = was_absent {
             if absent.emptied {
@@ -232,6 +254,15 @@ impl<S: Source> Discovery<S> {
         let previous = std::mem::replace(&mut self.ttl, ttl);
         // `rand::rng()` per use: the thread-local generator must not be held across an await.
         refresh_after(ttl, previous, &self.settings, &mut rand::rng())
+    }
+
+    /// A lookup gave the set (or all of it that resolves): the service is no longer stale.
+    fn succeeded(&mut self, backends: usize) {
+        self.answered = true;
+        self.consecutive_failures = 0;
+        if self.status.succeed() {
+            info!(service = %self.service, srv = self.source.name(), backends, "DNS lookups recovered");
+        }
     }
 
     /// The registry says the service is absent: the empty hold starts (or goes on), and
@@ -357,6 +388,7 @@ mod tests {
     use crate::balance::Selection;
     use crate::discovery::StaticSource;
     use crate::discovery::test_support::{ep, settings, within};
+    use std::sync::atomic::Ordering;
 
     fn discovery(pool: &Arc<Pool>) -> Discovery<StaticSource> {
         // Never asked: the tests below feed answers straight to `accept_answer`/`refresh`.
@@ -470,10 +502,10 @@ mod tests {
             ttl: 5,
             unresolved: None,
         };
-        d.refresh(found(), true).await;
+        d.refresh(found(), Scope::Full).await;
         assert!(d.status.absence.lock().is_none());
         let before = unix_ms();
-        let delay = d.refresh(Answer::Absent("NXDOMAIN"), true).await;
+        let delay = d.refresh(Answer::Absent("NXDOMAIN"), Scope::Full).await;
         assert!(delay <= Duration::from_millis(300), "{delay:?}");
         let hold = d.status.absence.lock().clone().expect("in hold");
         assert!(hold.in_hold() && hold.reason == "NXDOMAIN", "{hold:?}");
@@ -482,19 +514,19 @@ mod tests {
         assert_eq!(served(&pool), ["a."], "the hold keeps serving");
         tokio::time::sleep(Duration::from_millis(350)).await;
         // Past the hold, absent again: emptied, with growing back-off.
-        let first = d.refresh(Answer::Absent("NXDOMAIN"), true).await;
+        let first = d.refresh(Answer::Absent("NXDOMAIN"), Scope::Full).await;
         assert!(served(&pool).is_empty());
         let hold = d.status.absence.lock().clone().expect("still absent");
         assert!(hold.emptied && !hold.in_hold() && hold.remaining_ms() == 0);
         let mut later = first;
         for _ in 0..5 {
-            later = d.refresh(Answer::Absent("NXDOMAIN"), true).await;
+            later = d.refresh(Answer::Absent("NXDOMAIN"), Scope::Full).await;
         }
         assert!(
             later >= Duration::from_secs(16),
             "no back-off: {first:?} then {later:?}"
         );
-        d.refresh(found(), true).await;
+        d.refresh(found(), Scope::Full).await;
         assert!(d.status.absence.lock().is_none());
         assert_eq!(served(&pool), ["a."]);
     }
@@ -510,13 +542,45 @@ mod tests {
             ttl: 3600,
             unresolved: None,
         };
-        let before = d.refresh(found(), true).await;
+        let before = d.refresh(found(), Scope::Full).await;
         assert!(within(before, 54_000, 60_000), "{before:?}");
         let mut next = d.settings.clone();
         next.max_refresh = Duration::from_secs(5);
         tx.send_replace(next);
-        let after = d.refresh(found(), true).await;
+        let after = d.refresh(found(), Scope::Full).await;
         assert!(within(after, 4_500, 5_000), "{after:?}");
+        assert_eq!(served(&pool), ["a."]);
+    }
+
+    /// A failed lookup whose targets then resolve in a partial round: the set is current
+    /// again only if its records came from a query that answered.
+    #[tokio::test]
+    async fn a_partial_round_ends_staleness_only_when_the_records_are_current() {
+        let pool = Arc::new(Pool::new("svc", Selection::maglev(1009)));
+        let mut d = discovery(&pool);
+        let stale = |d: &Discovery<StaticSource>| d.status.stale.load(Ordering::Relaxed);
+        let found = || Answer::Found {
+            endpoints: vec![ep("a.", 1)],
+            ttl: 30,
+            unresolved: None,
+        };
+        d.refresh(Answer::Failed("no target resolved".into()), Scope::Full)
+            .await;
+        assert!(stale(&d));
+        let stale_records = Scope::Addresses {
+            records_current: false,
+        };
+        d.refresh(found(), stale_records).await;
+        assert_eq!(served(&pool), ["a."]);
+        assert!(
+            stale(&d),
+            "records from before a failed query are not current"
+        );
+        let current_records = Scope::Addresses {
+            records_current: true,
+        };
+        d.refresh(found(), current_records).await;
+        assert!(!stale(&d));
         assert_eq!(served(&pool), ["a."]);
     }
 }

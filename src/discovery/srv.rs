@@ -47,6 +47,8 @@ pub(crate) struct SrvSource {
     absent: bool,
     /// SRV records the last answer lost to the caps (logged when it changes).
     trimmed: usize,
+    /// The last SRV query answered with records (it did not fail): `records` are current.
+    records_answered: bool,
 }
 
 impl SrvSource {
@@ -67,6 +69,7 @@ impl SrvSource {
             targets: HashMap::new(),
             absent: false,
             trimmed: 0,
+            records_answered: false,
         }
     }
 
@@ -81,14 +84,17 @@ impl SrvSource {
                 trimmed,
             }) => {
                 self.take_records(records, additional, trimmed, settings);
+                self.records_answered = true;
                 Some(ttl)
             }
             Some(SrvOutcome::Absent { why, negative_ttl }) => {
+                self.records_answered = false;
                 fetched.negative_ttl = negative_ttl;
                 fetched.answer = Some(Answer::Absent(why));
                 return fetched;
             }
             Some(SrvOutcome::Failed(why)) => {
+                self.records_answered = false;
                 fetched.answer = Some(Answer::Failed(why));
                 return fetched;
             }
@@ -96,6 +102,7 @@ impl SrvSource {
         };
         let (changed, recheck) = self.take_addresses(lookups.resolved, srv_ttl.is_none(), settings);
         fetched.full_round_now = recheck;
+        fetched.records_current = srv_ttl.is_none() && self.records_answered;
         if srv_ttl.is_some() || changed {
             fetched.answer = Some(self.assemble(srv_ttl.unwrap_or(u32::MAX)));
         }
