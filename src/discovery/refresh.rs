@@ -227,16 +227,21 @@ impl<S: Source> Discovery<S> {
             Scope::Full => {}
             Scope::Addresses { records_current } => {
                 // Before the pool holds the set, so that /status never calls a served
-                // set stale.
-                if records_current {
-                    self.succeeded(endpoints.len());
+                // set stale. (Not a refresh: the registry was not asked.)
+                if records_current && self.status.recover() {
+                    self.consecutive_failures = 0;
+                    info!(service = %self.service, srv = self.source.name(), backends = endpoints.len(), "DNS lookups recovered");
                 }
                 self.accept_answer(endpoints).await;
                 return Duration::ZERO;
             }
         }
-        self.succeeded(endpoints.len());
         let srv = self.source.name();
+        self.answered = true;
+        self.consecutive_failures = 0;
+        if self.status.succeed() {
+            info!(service = %self.service, srv, backends = endpoints.len(), "DNS lookups recovered");
+        }
         let was_absent = self.absent.take();
         if let Some(absent) = was_absent {
             if absent.emptied {
@@ -254,15 +259,6 @@ impl<S: Source> Discovery<S> {
         let previous = std::mem::replace(&mut self.ttl, ttl);
         // `rand::rng()` per use: the thread-local generator must not be held across an await.
         refresh_after(ttl, previous, &self.settings, &mut rand::rng())
-    }
-
-    /// A lookup gave the set (or all of it that resolves): the service is no longer stale.
-    fn succeeded(&mut self, backends: usize) {
-        self.answered = true;
-        self.consecutive_failures = 0;
-        if self.status.succeed() {
-            info!(service = %self.service, srv = self.source.name(), backends, "DNS lookups recovered");
-        }
     }
 
     /// The registry says the service is absent: the empty hold starts (or goes on), and
@@ -581,6 +577,12 @@ mod tests {
         };
         d.refresh(found(), current_records).await;
         assert!(!stale(&d));
+        assert!(d.status.last_error.lock().is_none());
         assert_eq!(served(&pool), ["a."]);
+        assert_eq!(
+            d.status.refreshes.load(Ordering::Relaxed),
+            0,
+            "a partial round is not a lookup of the registry"
+        );
     }
 }

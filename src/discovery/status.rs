@@ -92,9 +92,16 @@ impl DiscoveryStatus {
         !self.stale.swap(true, Ordering::Relaxed)
     }
 
+    /// A lookup of the whole set answered. True when that ends a stale mark.
     pub(super) fn succeed(&self) -> bool {
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         self.last_success_ms.store(now_ms(), Ordering::Relaxed);
+        self.recover()
+    }
+
+    /// What failed resolves again (a partial round completed a current set): not stale, no
+    /// error, though no lookup of the whole set was made. True when it was stale.
+    pub(super) fn recover(&self) -> bool {
         *self.last_error.lock() = None;
         self.stale.swap(false, Ordering::Relaxed)
     }
