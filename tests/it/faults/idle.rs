@@ -115,6 +115,8 @@ fn half_closed_connection_still_times_out_when_nothing_moves() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the backend leg stayed open after the idle timeout");
     assert_eq!(what, "write failed");
+    // srvlb's log reaches the test through a reader thread: wait for the line.
+    lb.srvlb.wait_log("idle_timeout", Duration::from_secs(5));
     assert!(
         lb.events("connection closed")
             .iter()
