@@ -225,6 +225,9 @@ fn garbage_and_bare_lf_requests_are_answered_at_once() {
             text.lines().next().unwrap_or("").to_owned(),
         )
     };
+    // "At once" is well under the 2 s head timeout that a request waiting for more bytes
+    // would run into; 1.5 s leaves a loaded machine room and still tells the two apart.
+    let at_once = Duration::from_millis(1500);
     // Random bytes (a fixed xorshift sequence), a TLS ClientHello's start, an SSH banner.
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let random: Vec<u8> = (0..512)
@@ -247,10 +250,7 @@ fn garbage_and_bare_lf_requests_are_answered_at_once() {
             elapsed.as_secs_f64() * 1e3
         );
         assert!(status.starts_with("HTTP/1.1 400"), "{what}: {status:?}");
-        assert!(
-            elapsed < Duration::from_secs(1),
-            "{what}: answered after {elapsed:?}"
-        );
+        assert!(elapsed < at_once, "{what}: answered after {elapsed:?}");
     }
     let (elapsed, status) = exchange(b"GET /healthz HTTP/1.1\nHost: x\n\n");
     println!(
@@ -258,7 +258,7 @@ fn garbage_and_bare_lf_requests_are_answered_at_once() {
         elapsed.as_secs_f64() * 1e3
     );
     assert!(status.starts_with("HTTP/1.1 200"), "bare LF: {status:?}");
-    assert!(elapsed < Duration::from_secs(1), "bare LF: {elapsed:?}");
+    assert!(elapsed < at_once, "bare LF: {elapsed:?}");
     // A request that stops half-way is cut off at the 2 s head timeout, not held for good.
     let (elapsed, status) = exchange(b"GET /healthz HTTP/1.1\r\n");
     println!(

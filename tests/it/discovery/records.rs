@@ -262,8 +262,10 @@ fn unanswered_targets_are_resolved_together_within_one_budget() {
     let lb = start_lb(&dns, "p2c", FAST, "");
     lb.wait_serving(&["b1"], Duration::from_secs(15));
     let took = started.elapsed();
+    // One after another would take at least 8 x 1 s; together, about the 2 s budget (7 s
+    // leaves a loaded machine room for the start and the 40 connections of wait_serving).
     assert!(
-        took < Duration::from_secs(6),
+        took < Duration::from_secs(7),
         "first lookup took {took:?}; targets resolved one after another?"
     );
     assert!(logged(&lb, &["skipped=8", "targets=9"]));

@@ -200,6 +200,9 @@ fn replacing_the_only_target_and_its_address_behind_unbound() {
         failed, 0,
         "a working backend was replaced by another: no client may fail"
     );
+    // The first change is over only once a second lookup confirms a's removal (damping
+    // keeps it until then, in a tier of its own that would take b's clients below).
+    srvlb.wait_log("damping: large removal confirmed", Duration::from_secs(15));
     update(
         &named,
         &[
