@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::bind::Named;
-use support::harness::{Mode, Srvlb, TestBackend, free_port, http_get, who_answers_from};
+use support::harness::{
+    Mode, Srvlb, TestBackend, dns_config, free_port, http_get, srv_service, who_answers_from,
+};
 
 const ZONE: &str = "srvlb.test.";
 const SRV: &str = "_app._tcp.srvlb.test.";
@@ -102,27 +104,11 @@ fn srvlb_follows_a_real_dns_server_and_survives_its_outage() {
     };
     let (port, admin) = (free_port(), free_port());
     let listen = addr(port);
-    let srvlb = Srvlb::start(&format!(
-        r#"
-[global]
-admin = "127.0.0.1:{admin}"
-shutdown_grace = "1s"
-
-[resolver]
-nameservers = ["{dns}"]
-timeout = "1s"
-min_refresh = "1s"
-max_refresh = "2s"
-empty_hold = "5s"
-
-[[service]]
-name = "app"
-listen = ["{listen}"]
-srv = "{SRV}"
-balance = "maglev"
-connect_timeout = "1s"
-"#,
-        dns = named.addr()
+    let srvlb = Srvlb::start(&dns_config(
+        named.addr(),
+        &format!("admin = \"127.0.0.1:{admin}\"\nshutdown_grace = \"1s\""),
+        "min_refresh = \"1s\"\nmax_refresh = \"2s\"\nempty_hold = \"5s\"",
+        &srv_service("app", listen, SRV, "maglev", ""),
     ));
     let stale = || {
         let body = http_get(addr(admin), "/status");

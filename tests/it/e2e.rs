@@ -11,38 +11,17 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use support::harness::{
-    Dns, Mode, SRV_NAME, Srvlb, TestBackend, eventually, free_port, who_answers, who_answers_from,
+    Dns, Mode, SRV_NAME, Srvlb, TestBackend, dns_config, eventually, free_port, srv_service,
+    who_answers, who_answers_from,
 };
 
 fn config(dns: SocketAddr, services: &str) -> String {
-    format!(
-        r#"
-[global]
-shutdown_grace = "10s"
-
-[resolver]
-nameservers = ["{dns}"]
-timeout = "1s"
-min_refresh = "1s"
-max_refresh = "2s"
-
-{services}
-"#
-    )
+    let refresh = "min_refresh = \"1s\"\nmax_refresh = \"2s\"";
+    dns_config(dns, "shutdown_grace = \"10s\"", refresh, services)
 }
 
 fn service(name: &str, port: u16, balance: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-listen = ["127.0.0.1:{port}"]
-srv = "{SRV_NAME}"
-balance = "{balance}"
-connect_timeout = "1s"
-{extra}
-"#
-    )
+    srv_service(name, addr(port), SRV_NAME, balance, extra)
 }
 
 fn addr(port: u16) -> SocketAddr {

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::dns::{Failure, Srv};
 use support::harness::{
-    Dns, Mode, SRV_NAME, Srvlb, TestBackend, eventually, free_port, http_get, srv_host, temp_dir,
-    who_answers,
+    Dns, Mode, SRV_NAME, Srvlb, TestBackend, dns_config, eventually, free_port, http_get, srv_host,
+    srv_service, temp_dir, who_answers,
 };
 
 mod identity;
@@ -49,26 +49,11 @@ struct Lb {
 /// `resolver`: extra `[resolver]` lines; `service`: extra `[[service]]` lines.
 fn start_lb(dns: &Dns, balance: &str, resolver: &str, service: &str) -> Lb {
     let (port, admin) = (free_port(), free_port());
-    let config = format!(
-        r#"
-[global]
-admin = "127.0.0.1:{admin}"
-shutdown_grace = "1s"
-
-[resolver]
-nameservers = ["{dns}"]
-timeout = "1s"
-{resolver}
-
-[[service]]
-name = "{SERVICE}"
-listen = ["127.0.0.1:{port}"]
-srv = "{SRV_NAME}"
-balance = "{balance}"
-connect_timeout = "1s"
-{service}
-"#,
-        dns = dns.addr(),
+    let config = dns_config(
+        dns.addr(),
+        &format!("admin = \"127.0.0.1:{admin}\"\nshutdown_grace = \"1s\""),
+        resolver,
+        &srv_service(SERVICE, addr(port), SRV_NAME, balance, service),
     );
     Lb {
         srvlb: Srvlb::start(&config),

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::bind::Named;
 use support::harness::{
-    Mode, Srvlb, TestBackend, eventually, free_port, http_get, who_answers_from,
+    Mode, Srvlb, TestBackend, dns_config, eventually, free_port, http_get, srv_service,
+    who_answers_from,
 };
 use support::resolvers::{Dnsmasq, Unbound};
 
@@ -47,33 +48,12 @@ fn figure(what: &str) {
 }
 
 fn config(dns: SocketAddr, admin: u16, resolver: &str, services: &str) -> String {
-    format!(
-        r#"
-[global]
-admin = "127.0.0.1:{admin}"
-shutdown_grace = "1s"
-
-[resolver]
-nameservers = ["{dns}"]
-timeout = "1s"
-{resolver}
-
-{services}
-"#
-    )
+    let global = format!("admin = \"127.0.0.1:{admin}\"\nshutdown_grace = \"1s\"");
+    dns_config(dns, &global, resolver, services)
 }
 
 fn service(name: &str, listen: u16, srv: &str) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-listen = ["127.0.0.1:{listen}"]
-srv = "{srv}"
-balance = "maglev"
-connect_timeout = "1s"
-"#
-    )
+    srv_service(name, addr(listen), srv, "maglev", "")
 }
 
 fn status(admin: u16) -> Value {

@@ -11,6 +11,47 @@ pub fn srv_host(name: &str) -> String {
     format!("{name}.srvlb.test.")
 }
 
+/// A srvlb config whose services find their backends through the DNS server at `dns`
+/// (a 1 s query timeout): `global` and `resolver` are more lines for those tables,
+/// `services` the `[[service]]` tables (see [`srv_service`]).
+pub fn dns_config(dns: SocketAddr, global: &str, resolver: &str, services: &str) -> String {
+    format!(
+        r#"
+[global]
+{global}
+
+[resolver]
+nameservers = ["{dns}"]
+timeout = "1s"
+{resolver}
+
+{services}
+"#
+    )
+}
+
+/// A `[[service]]` table for `dns_config`: `name` listening on `listen`, its backends from
+/// the SRV name `srv`, with a 1 s connect timeout; `extra` is more lines for the table.
+pub fn srv_service(
+    name: &str,
+    listen: SocketAddr,
+    srv: &str,
+    balance: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[[service]]
+name = "{name}"
+listen = ["{listen}"]
+srv = "{srv}"
+balance = "{balance}"
+connect_timeout = "1s"
+{extra}
+"#
+    )
+}
+
 /// The in-process DNS server on a runtime of its own, for tests written with blocking
 /// sockets. Stops when dropped.
 pub struct Dns {
