@@ -4,8 +4,10 @@
 //! drive the same code as the `srvlb` binary. ARCHITECTURE.md (at the repository root) has
 //! the module map, the path of one connection, and the invariants the hot path keeps.
 
-// splice, pipes and socket options go through rustix and socket2; nothing here needs unsafe.
-#![forbid(unsafe_code)]
+// splice, pipes and socket options go through rustix and socket2. The one exception is the
+// io_uring ring (`proxy::uring::ring`), which hands the kernel pointers into its own memory:
+// it alone allows unsafe code, and every block says why it is sound.
+#![deny(unsafe_code)]
 
 // The public API is what the `srvlb` binary, the demo (examples/demo/), the benches and
 // the integration tests (tests/it) use, and no more: the configuration, the process

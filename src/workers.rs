@@ -74,14 +74,20 @@ impl Workers {
 
 impl Worker {
     fn start(index: usize) -> io::Result<Worker> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_all();
+        // The io_uring data path submits a worker's queued operations (and wakes the tasks
+        // whose operations completed) once per loop, just before the thread would sleep.
+        #[cfg(target_os = "linux")]
+        builder.on_thread_park(crate::proxy::uring::on_park);
+        let runtime = builder.build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("srvlb-worker-{index}"))
             .spawn(move || {
+                #[cfg(target_os = "linux")]
+                crate::proxy::uring::flush_on_park();
                 // Ends when the sender is used or dropped; either way the worker stops.
                 runtime.block_on(async {
                     tokio::select! {

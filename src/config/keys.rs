@@ -11,7 +11,7 @@ use toml::Spanned;
 use super::GlobalConfig;
 use super::admin::MAX_SOCKET_PATH;
 use super::raw::{Scalar, Text, TextList};
-use super::{AddressFamily, Balance, HashKey, LogFormat, ProxyProtocol};
+use super::{AddressFamily, Balance, DataPath, HashKey, LogFormat, ProxyProtocol};
 
 /// The table a key lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +200,7 @@ keywords!(AddressFamily { "any" => Any, "ipv4" => Ipv4, "ipv6" => Ipv6 });
 keywords!(Balance { "maglev" => Maglev, "p2c" => P2c });
 keywords!(HashKey { "client_ip" => ClientIp, "client_ip_port" => ClientIpPort });
 keywords!(ProxyProtocol { "v1" => V1, "v2" => V2 });
+keywords!(DataPath { "epoll" => Epoll, "io_uring" => IoUring });
 
 /// The TOML name of a field: its Rust name, or the `as "name"` given for it (`static` is a
 /// Rust keyword).
@@ -320,6 +321,7 @@ section! {
     accept_proxy: Spanned<Scalar> => Kind::Bool, IsBool(false);
     accept_proxy_timeout: Spanned<Scalar> => POSITIVE_DURATION, Is("5s");
     accept_proxy_from: Vec<Text> => Kind::Networks, Empty;
+    data_path: Spanned<Scalar> => Kind::Words(DataPath::WORDS), Is("epoll");
     [table] health: RawHealth;
 }
 

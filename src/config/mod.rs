@@ -149,7 +149,19 @@ pub struct ServiceConfig {
     pub(crate) accept_proxy_timeout: Duration,
     /// Peers trusted to send that header (the balancers in front); empty: any peer.
     pub(crate) accept_proxy_from: Vec<ipnet::IpNet>,
+    /// `data_path`: how the bytes of this service's connections move.
+    pub(crate) data_path: DataPath,
     pub(crate) health: HealthConfig,
+}
+
+/// `data_path`: the kernel interface a service's connections move bytes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataPath {
+    /// Readiness from epoll, then read/write (and splice(2) for bulk): the default.
+    Epoll,
+    /// Receives and sends submitted in batches on each worker's io_uring ring (Linux 6.0 or
+    /// later; where it is missing, connections take the epoll path).
+    IoUring,
 }
 
 /// A token bucket: `count` new connections per `per`, and up to `burst` at once.

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::duration::format_duration as dur;
 use super::keys::Keyword as _;
-use super::{AddressFamily, Balance, Config, HashKey, ProxyProtocol, ServiceConfig};
+use super::{AddressFamily, Balance, Config, DataPath, HashKey, ProxyProtocol, ServiceConfig};
 
 /// Width of the label column; the longest label ("empty answer hold") plus two spaces.
 const LABEL_WIDTH: usize = 19;
@@ -116,6 +116,11 @@ fn render_service(out: &mut String, s: &ServiceConfig, config: &Config) {
     };
     row(out, "send PROXY", &[proxy.to_string()]);
     row(out, "accept PROXY", &[accept_proxy(s)]);
+    let data_path = match s.data_path {
+        DataPath::Epoll => "epoll (read/write, splice(2) for bulk)",
+        DataPath::IoUring => "io_uring (batched receives and sends; epoll where unavailable)",
+    };
+    row(out, "data path", &[data_path.to_string()]);
     let h = &s.health;
     row(
         out,

@@ -98,6 +98,7 @@ fn defaults_are_applied() {
         accept_proxy: false,
         accept_proxy_timeout: Duration::from_secs(5),
         accept_proxy_from: vec![],
+        data_path: DataPath::Epoll,
         health: HealthConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(10),

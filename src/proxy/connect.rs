@@ -60,11 +60,11 @@ pub(super) enum NoBackend {
     Local,
 }
 
-/// A backend connection made for a client.
+/// A backend connection made for a client (its socket is returned beside it, so that a
+/// data path can take it by value).
 pub(super) struct Connected {
     /// The backend, counted as active while this lives.
     pub(super) backend: ActiveGuard,
-    pub(super) stream: TcpStream,
     /// Connects tried, this one included.
     pub(super) attempts: u32,
     /// When the connect completed (`now_ms`).
@@ -77,7 +77,7 @@ pub(super) async fn connect_any(
     config: &ServiceConfig,
     snapshot: &Snapshot,
     peer: SocketAddr,
-) -> Result<Connected, NoBackend> {
+) -> Result<(Connected, TcpStream), NoBackend> {
     let key = client_key(peer, config.hash_key);
     let mut selector = Selector::new(&snapshot.tiers, key, now_ms())
         .with_attempts(config.connect_retries.saturating_add(1));
@@ -103,12 +103,12 @@ pub(super) async fn connect_any(
                     .stats
                     .histograms
                     .observe_connect(connect_started.elapsed());
-                return Ok(Connected {
+                let connected = Connected {
                     backend: active,
-                    stream,
                     attempts,
                     at: now_ms(),
-                });
+                };
+                return Ok((connected, stream));
             }
             Err(e) => e,
         };

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
@@ -56,6 +57,9 @@ pub enum End {
     IdleTimeout,
     /// srvlb ended the connection itself: the shutdown grace elapsed.
     Shutdown,
+    /// srvlb could not go on with the connection (a local error, not a side's); both sides
+    /// were reset.
+    Local(io::ErrorKind),
 }
 
 impl End {
@@ -65,6 +69,7 @@ impl End {
             End::Reset(side, kind) => format!("{}_reset({kind:?})", side.label()),
             End::IdleTimeout => "idle_timeout".to_owned(),
             End::Shutdown => "shutdown".to_owned(),
+            End::Local(kind) => format!("local_error({kind:?})"),
         }
     }
 }
@@ -95,6 +100,18 @@ impl Transfer {
             first_to_finish: Some(Side::Backend),
             first_finish_at: Some(now_ms()),
             end: End::Reset(Side::Backend, kind),
+            cut_pending: false,
+        }
+    }
+
+    /// A connection srvlb could not go on with, for a reason of its own: nobody's fault.
+    pub fn failed_locally(kind: io::ErrorKind) -> Transfer {
+        Transfer {
+            client_to_backend: 0,
+            backend_to_client: 0,
+            first_to_finish: None,
+            first_finish_at: None,
+            end: End::Local(kind),
             cut_pending: false,
         }
     }
@@ -143,7 +160,7 @@ pub fn proxy_streams(
         };
         let sleep = tokio::time::sleep(idle);
         tokio::pin!(sleep);
-        let (end, first_to_finish, open) = Both {
+        let ending = Both {
             shared: &shared,
             c2b: Leg::Moving(Direction::new(Side::Client)),
             b2c: Leg::Moving(Direction::new(Side::Backend)),
@@ -156,35 +173,76 @@ pub fn proxy_streams(
             first_to_finish: None,
         }
         .await;
-        // Asked only when srvlb ends the connection itself: after a clean close or a reset the
-        // answer changes nothing, and the two FIONREAD calls would cost every connection.
-        let pending = || {
-            shared.progress.iter().any(Progress::is_holding) || unread(client) || unread(backend)
-        };
-        // A shutdown cut also resets a stream that is merely caught up: a direction still open
-        // that moved bytes within the last second is mid-transfer (a backend streaming rows a
-        // little slower than the client reads them), and a FIN would pass it off as complete.
-        // Only a connection at rest that long gets a clean close.
-        let in_flight =
-            || open && now_ms().saturating_sub(last_activity.load(Ordering::Relaxed)) < AT_REST_MS;
-        let cut_pending = match end {
-            End::IdleTimeout => pending(),
-            End::Shutdown => pending() || in_flight(),
-            _ => false,
-        };
-        if matches!(end, End::Reset(..)) || cut_pending {
-            reset_on_close(client);
-            reset_on_close(backend);
-        }
         let [up, down] = &shared.moved;
-        Transfer {
-            client_to_backend: up.load(Ordering::Relaxed),
-            backend_to_client: down.load(Ordering::Relaxed),
-            first_to_finish: first_to_finish.map(|(side, _)| side),
-            first_finish_at: first_to_finish.map(|(_, at)| at),
-            end,
-            cut_pending,
-        }
+        conclude(
+            ending,
+            Leftover {
+                holding: shared.progress.iter().any(Progress::is_holding),
+                lost: false,
+                last_activity: last_activity.load(Ordering::Relaxed),
+            },
+            (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)),
+            (client, backend),
+        )
+    }
+}
+
+/// How the directions of a connection ended: why, which side finished first (and when), and
+/// whether a direction was still open.
+pub(crate) struct Ending {
+    pub(crate) end: End,
+    pub(crate) first_to_finish: Option<(Side, u64)>,
+    pub(crate) open: bool,
+}
+
+/// What a connection's directions still had when it ended.
+pub(crate) struct Leftover {
+    /// A direction held bytes taken from its source, not all written yet.
+    pub(crate) holding: bool,
+    /// Bytes were taken from a source that will never reach the destination.
+    pub(crate) lost: bool,
+    /// When (`now_ms`) bytes last moved either way.
+    pub(crate) last_activity: u64,
+}
+
+/// The end of a transfer, on either data path: decides whether srvlb's own end of the
+/// connection (idle timeout, shutdown cut) must be a reset, sets both sockets to reset on
+/// close when it must or when a side reset, and sums up what moved (`moved`: client to
+/// backend, backend to client).
+pub(crate) fn conclude(
+    Ending {
+        end,
+        first_to_finish,
+        open,
+    }: Ending,
+    left: Leftover,
+    (client_to_backend, backend_to_client): (u64, u64),
+    (client, backend): (&impl AsFd, &impl AsFd),
+) -> Transfer {
+    // Asked only when srvlb ends the connection itself: after a clean close or a reset the
+    // answer changes nothing, and the two FIONREAD calls would cost every connection.
+    let pending = || left.lost || left.holding || unread(client) || unread(backend);
+    // A shutdown cut also resets a stream that is merely caught up: a direction still open
+    // that moved bytes within the last second is mid-transfer (a backend streaming rows a
+    // little slower than the client reads them), and a FIN would pass it off as complete.
+    // Only a connection at rest that long gets a clean close.
+    let in_flight = || open && now_ms().saturating_sub(left.last_activity) < AT_REST_MS;
+    let cut_pending = match end {
+        End::IdleTimeout => pending(),
+        End::Shutdown => pending() || in_flight(),
+        _ => false,
+    };
+    if matches!(end, End::Reset(..)) || cut_pending {
+        reset_on_close(client);
+        reset_on_close(backend);
+    }
+    Transfer {
+        client_to_backend,
+        backend_to_client,
+        first_to_finish: first_to_finish.map(|(side, _)| side),
+        first_finish_at: first_to_finish.map(|(_, at)| at),
+        end,
+        cut_pending,
     }
 }
 
@@ -254,12 +312,18 @@ impl<'a> Leg<'a> {
 }
 
 impl<C: Future<Output = ()> + Unpin> Future for Both<'_, C> {
-    type Output = (End, Option<(Side, u64)>, bool);
+    type Output = Ending;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let open = |this: &Self| !(this.c2b.is_finished() && this.b2c.is_finished());
-        let ended = |this: &Self, end: End| Poll::Ready((end, this.first_to_finish, open(this)));
+        let ended = |this: &Self, end: End| {
+            Poll::Ready(Ending {
+                end,
+                first_to_finish: this.first_to_finish,
+                open: open(this),
+            })
+        };
         // In order: the directions first (they are what wakes a connection), then the watches
         // that end it from outside.
         let leg = (Side::Client, this.b2c.is_finished());
@@ -319,7 +383,7 @@ impl IdleClock<'_> {
 
 /// True when the kernel holds bytes from `stream`'s peer that srvlb has not read yet (or
 /// when that cannot be told: erring towards a reset never passes a cut stream off as whole).
-fn unread(stream: &TcpStream) -> bool {
+fn unread(stream: &impl AsFd) -> bool {
     rustix::io::ioctl_fionread(stream).map_or(true, |n| n > 0)
 }
 
@@ -334,7 +398,7 @@ fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
 /// it would spin. EPOLLERR, which epoll reports without being asked, is raised when a reset
 /// sets the socket's pending error (SO_ERROR); tokio keeps it as `Ready::ERROR` until it is
 /// cleared, so a reset that came before this watch started is not missed either.
-async fn peer_error(stream: &TcpStream) -> io::Error {
+pub(crate) async fn peer_error(stream: &TcpStream) -> io::Error {
     loop {
         if let Err(e) = stream.ready(Interest::ERROR).await {
             return e;
@@ -353,7 +417,7 @@ async fn peer_error(stream: &TcpStream) -> io::Error {
 }
 
 /// Makes the kernel send RST instead of FIN when the socket is closed.
-pub fn reset_on_close(stream: &TcpStream) {
+pub fn reset_on_close(stream: &impl AsFd) {
     // Failing here only means the peer gets a FIN instead of a RST; nothing to recover.
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }

@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
@@ -322,7 +323,7 @@ fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// sockets are closed at once, which sends this FIN anyway: the shutdown would be a syscall
 /// for nothing on every connection. (Both sources are read to EOF then, so the close is a
 /// FIN, never a reset for unread bytes.)
-fn pass_fin(to: &TcpStream, ended: &AtomicU8) -> Result<(), DirectionError> {
+pub(crate) fn pass_fin(to: &impl AsFd, ended: &AtomicU8) -> Result<(), DirectionError> {
     if ended.fetch_add(1, Ordering::Relaxed) > 0 {
         return Ok(());
     }

@@ -18,6 +18,8 @@ pub mod proxy_protocol;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
 mod tracker;
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +31,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::access_log;
-use crate::config::ServiceConfig;
+use crate::config::{DataPath, ServiceConfig};
 use crate::health::{judge, now_ms};
 use crate::pool::Backend;
 use crate::service::Service;
@@ -111,18 +113,19 @@ pub(crate) fn serve_client(
         let Some(_source_slot) = admit(&service, &config, &client, peer, started) else {
             return;
         };
-        let Some(connected) = pick_and_connect(&service, &config, &client, peer, started).await
+        let Some((connected, backend)) =
+            pick_and_connect(&service, &config, &client, peer, started).await
         else {
             return;
         };
         // The client leg has its keepalive (and TCP_NODELAY) from the listening socket. Failing
         // only means the connection is already gone; the transfer will report that.
-        let _ = set_keepalive((&connected.stream).into(), config.tcp_keepalive);
+        let _ = set_keepalive((&backend).into(), config.tcp_keepalive);
         // Awaited in a statement of its own: a future awaited in a `match` scrutinee would stay
         // part of this task's state through the whole transfer in the arm.
         // Only the error's kind is kept: an `io::Error` would be held (to be dropped) through
         // the whole transfer.
-        let header_sent = send_proxy_header(&config, &client, peer, local, &connected.stream)
+        let header_sent = send_proxy_header(&config, &client, peer, local, &backend)
             .await
             .map_err(|e| e.kind());
         let transfer = match header_sent {
@@ -130,7 +133,29 @@ pub(crate) fn serve_client(
                 // Pinned here and lent down: a future passed by value is stored again by every
                 // async fn it passes through, for the connection's whole life.
                 let cut = std::pin::pin!(tracked.cut());
-                transfer(&service, &config, &client, &connected, cut).await
+                // One future awaited in one place, whichever the path: two awaits would each
+                // get their own room in this task's state.
+                #[cfg(target_os = "linux")]
+                let path = if uring::wanted(&config) == DataPath::IoUring && uring::ready() {
+                    // Converted here, not in the transfer: moved into its future, both sockets
+                    // would be stored a second time for the connection's life.
+                    match leave_epoll(client, backend) {
+                        Ok(legs) => Path::Ring {
+                            transfer: transfer_on_ring(&service, &config, legs, &connected, cut),
+                        },
+                        Err(kind) => Path::Failed { kind },
+                    }
+                } else {
+                    let legs = (&client, &backend);
+                    Path::Epoll {
+                        transfer: transfer(&service, &config, legs, &connected, cut),
+                    }
+                };
+                #[cfg(not(target_os = "linux"))]
+                let path = Path::<_, std::future::Pending<Transfer>>::Epoll {
+                    transfer: transfer(&service, &config, (&client, &backend), &connected, cut),
+                };
+                path.await
             }
             Err(kind) => {
                 reset_on_close(&client);
@@ -309,7 +334,7 @@ fn pick_and_connect<'a>(
     client: &'a TcpStream,
     peer: SocketAddr,
     started: Instant,
-) -> impl Future<Output = Option<Connected>> + 'a {
+) -> impl Future<Output = Option<(Connected, TcpStream)>> + 'a {
     // Not an `async fn`: its arguments would be stored twice in the future (see
     // `proxy::tests::a_connection_task_stays_small`).
     async move {
@@ -387,6 +412,32 @@ async fn send_proxy_header(
     copy::write_all(backend, &header).await
 }
 
+pin_project_lite::pin_project! {
+    /// The transfer of one connection, on the data path it takes.
+    #[project = PathProj]
+    enum Path<E, R> {
+        Epoll { #[pin] transfer: E },
+        Ring { #[pin] transfer: R },
+        /// The sockets could not be moved to the ring: a local failure.
+        Failed { kind: io::ErrorKind },
+    }
+}
+
+impl<E: Future<Output = Transfer>, R: Future<Output = Transfer>> Future for Path<E, R> {
+    type Output = Transfer;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Transfer> {
+        match self.project() {
+            PathProj::Epoll { transfer } => transfer.poll(cx),
+            PathProj::Ring { transfer } => transfer.poll(cx),
+            PathProj::Failed { kind } => std::task::Poll::Ready(Transfer::failed_locally(*kind)),
+        }
+    }
+}
+
 /// Stage 4: bytes both ways until the connection ends. The first byte either way proves the
 /// backend works: the success is recorded then, not at close, so a long-lived connection
 /// re-admits an ejected backend (and resets its failure count) as soon as it carries data.
@@ -394,25 +445,77 @@ async fn send_proxy_header(
 fn transfer(
     service: &Service,
     config: &ServiceConfig,
-    client: &TcpStream,
+    (client, backend): (&TcpStream, &TcpStream),
     connected: &Connected,
     cut: impl Future<Output = ()> + Unpin,
 ) -> impl Future<Output = Transfer> {
     // Not an `async fn`: its arguments would be stored twice in the future (see
     // `proxy::tests::a_connection_task_stays_small`).
     async move {
-        let backend: &Backend = connected.backend.backend();
         let proven = AtomicBool::new(false);
-        let count = |side: Side, n: u64| {
-            match side {
-                Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
-                Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
-            };
-            if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
-                judge::record_success(service, backend, connected.at);
+        let count = counter(service, connected, &proven);
+        proxy_streams(client, backend, config.idle_timeout, cut, &count).await
+    }
+}
+
+/// Takes both sockets out of the worker's epoll set for the io_uring data path: a socket
+/// still registered there would wake the thread for every segment as well.
+#[cfg(target_os = "linux")]
+fn leave_epoll(
+    client: TcpStream,
+    backend: TcpStream,
+) -> Result<(std::net::TcpStream, std::net::TcpStream), io::ErrorKind> {
+    match (client.into_std(), backend.into_std()) {
+        (Ok(client), Ok(backend)) => Ok((client, backend)),
+        // Leaving epoll failed (it does not, short of a kernel bug): whatever socket is left
+        // is closed with a reset; nobody is to blame.
+        (client, backend) => {
+            let mut kind = io::ErrorKind::Other;
+            for leg in [client, backend] {
+                match leg {
+                    Ok(socket) => reset_on_close(&socket),
+                    Err(e) => kind = e.kind(),
+                }
             }
+            Err(kind)
+        }
+    }
+}
+
+/// Stage 4 on the worker's io_uring ring (`data_path = "io_uring"`).
+#[cfg(target_os = "linux")]
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+fn transfer_on_ring<'a>(
+    service: &'a Service,
+    config: &'a ServiceConfig,
+    (client, backend): (std::net::TcpStream, std::net::TcpStream),
+    connected: &'a Connected,
+    cut: impl Future<Output = ()> + Unpin + 'a,
+) -> impl Future<Output = Transfer> + 'a {
+    // Not an `async fn`: its arguments would be stored twice in the future.
+    async move {
+        let proven = AtomicBool::new(false);
+        let count = counter(service, connected, &proven);
+        uring::proxy_streams(client, backend, config.idle_timeout, cut, &count).await
+    }
+}
+
+/// What a transfer tells about every chunk that reached its destination: the backend's byte
+/// counters, and the first byte (`proven`), which records the backend's success.
+fn counter<'a>(
+    service: &'a Service,
+    connected: &'a Connected,
+    proven: &'a AtomicBool,
+) -> impl Fn(Side, u64) + Sync + 'a {
+    let backend: &Backend = connected.backend.backend();
+    move |side: Side, n: u64| {
+        match side {
+            Side::Client => backend.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
+            Side::Backend => backend.stats.bytes_received.fetch_add(n, Ordering::Relaxed),
         };
-        proxy_streams(client, &connected.stream, config.idle_timeout, cut, &count).await
+        if !proven.load(Ordering::Relaxed) && !proven.swap(true, Ordering::Relaxed) {
+            judge::record_success(service, backend, connected.at);
+        }
     }
 }
 

@@ -154,6 +154,28 @@ fn splice_families(e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         "Splice pipes created.",
         COUNTER,
         PIPES.created(),
+    )?;
+    let ring = &crate::proxy::uring::STATS;
+    single(
+        e,
+        "srvlb_io_uring_rings",
+        "io_uring rings set up, one per worker that served a data_path = \"io_uring\" connection (two file descriptors each).",
+        GAUGE,
+        ring.rings.load(Ordering::Relaxed),
+    )?;
+    single(
+        e,
+        "srvlb_io_uring_connections_total",
+        "Connections whose bytes moved on an io_uring ring.",
+        COUNTER,
+        ring.connections.load(Ordering::Relaxed),
+    )?;
+    single(
+        e,
+        "srvlb_io_uring_fallbacks_total",
+        "Connections that asked for io_uring and took the epoll path: no ring could be set up (see the log).",
+        COUNTER,
+        ring.fallbacks.load(Ordering::Relaxed),
     )
 }
 

@@ -77,6 +77,7 @@ pub(super) fn service(
             p,
         )?,
         accept_proxy_from: networks(&k.accept_proxy_from, raw.accept_proxy_from.as_deref(), p)?,
+        data_path: keyword(&k.data_path, raw.data_path.as_ref(), p)?,
         health: health(raw.health.take().unwrap_or_default(), p)?,
     };
     Ok(CheckedService {

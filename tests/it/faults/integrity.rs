@@ -272,11 +272,13 @@ fn integrity_soak_hashes_match_and_no_descriptor_leaks() {
         mismatches.join("\n")
     );
     // Empty splice pipes parked in srvlb's pool (bounded, two descriptors each) are reused,
-    // not leaked; srvlb reports how many it holds.
+    // not leaked; srvlb reports how many it holds. So are the io_uring rings of the workers
+    // (with SRVLB_DATA_PATH=io_uring), two descriptors each, set up on first use.
     let pooled = || {
         2 * lb
             .global_metric("srvlb_splice_pipes_idle")
             .saturating_sub(pipes_before)
+            + 2 * lb.global_metric("srvlb_io_uring_rings")
     };
     let settled = eventually(Duration::from_secs(10), || {
         lb.srvlb.fd_count() as u64 <= fds_before as u64 + pooled()
