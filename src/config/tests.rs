@@ -155,6 +155,7 @@ deny = ["2001:db8::/32"]
 send_proxy = "v1"
 accept_proxy = true
 accept_proxy_timeout = "750ms"
+data_path = "io_uring"
 [service.health]
 consecutive_failures = 1
 base_ejection = "1s"
@@ -190,6 +191,7 @@ max_ejected_percent = 100
         (Balance::P2c, HashKey::ClientIpPort)
     );
     assert_eq!(s.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(s.data_path, DataPath::IoUring);
     assert_eq!(s.idle_timeout, Duration::from_secs(5400));
     assert_eq!(s.tcp_keepalive, Some(Duration::from_secs(75)));
     assert_eq!((s.connect_retries, s.max_connections), (0, 7));

@@ -61,7 +61,10 @@ fn unknown_key_suggests_the_near_key_or_its_table() {
     assert!(e.ends_with("; `timeout` belongs in [resolver]"), "{e}");
     // Nothing close: toml's list of valid keys alone.
     let e = err(&format!("{SERVICE}bogus = 1\n"));
-    assert!(e.ends_with("`accept_proxy_from`, `health`"), "{e}");
+    assert!(
+        e.ends_with("`accept_proxy_from`, `data_path`, `health`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -392,6 +395,11 @@ fn keywords_must_be_allowed_words() {
     assert_eq!(
         e,
         "t.toml:5:12: service \"pg\": hash_key must be \"client_ip\" or \"client_ip_port\", not 1"
+    );
+    let e = err(&format!("{SERVICE}data_path = \"uring\"\n"));
+    assert_eq!(
+        e,
+        "t.toml:5:13: service \"pg\": data_path must be \"epoll\" or \"io_uring\", not \"uring\""
     );
     let e = err(&format!("{SERVICE}send_proxy = \"V2\"\n"));
     assert_eq!(

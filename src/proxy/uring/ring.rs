@@ -33,8 +33,13 @@ pub(crate) const BUFFER_SIZE: usize = 32 * 1024;
 /// Receive buffers per worker (a power of two, as the kernel's buffer ring requires): up to
 /// this many directions can hold received bytes not yet sent on at once; the next receive
 /// waits for a buffer to come back. 4 MiB of address space, touched only as far as bytes
-/// reach.
+/// reach. (Four in unit tests, so that they can run the pool dry.)
+#[cfg(not(test))]
 const BUFFERS: u16 = 128;
+#[cfg(test)]
+const BUFFERS: u16 = TEST_BUFFERS;
+#[cfg(test)]
+pub(crate) const TEST_BUFFERS: u16 = 4;
 const BUFFER_GROUP: u16 = 0;
 /// Submission queue entries: how many operations one flush can carry.
 const SUBMISSION_ENTRIES: u32 = 1024;
@@ -103,15 +108,14 @@ pub(crate) fn ensure() -> io::Result<()> {
         Ok(true)
     })?;
     if made {
-        // The reactor watches a duplicate of the ring's descriptor, which it owns: it stays
-        // valid for as long as the watch lives, whenever the ring itself goes.
+        // The kernel signals this eventfd when completion work is waiting; the reactor
+        // watches it (it is the watch's own, so it stays valid for as long as the watch).
         let fd = RING.with(|cell| {
             let slot = cell.borrow();
             let ring = slot.as_ref().ok_or_else(busy)?;
-            // SAFETY: the ring's descriptor is open while the ring lives, and it is borrowed
-            // only for the duplication.
-            let fd = unsafe { BorrowedFd::borrow_raw(ring.uring.as_raw_fd()) };
-            rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(io::Error::from)
+            let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+            ring.uring.submitter().register_eventfd(fd.as_raw_fd())?;
+            Ok::<_, io::Error>(fd)
         })?;
         // SAFETY: the `OwnedFd` stays open and the same file for the watch's whole life, as
         // it is the watch's own.
@@ -126,18 +130,18 @@ fn busy() -> io::Error {
     io::Error::other("the io_uring ring is in use")
 }
 
-/// Reaps completions whenever the ring's descriptor says some are waiting (the park hook
-/// reaps most of them before the thread sleeps; this catches those that come while it
-/// sleeps).
+/// Runs the ring's completion work whenever its eventfd says some is waiting (the park hook
+/// does most of it before the thread sleeps; this catches what comes while it sleeps).
+///
+/// The eventfd is never read: every signal is a new edge for epoll, and its counter (64
+/// bits) does not fill.
 async fn drive(watch: AsyncFd<OwnedFd>) {
     loop {
         let Ok(mut ready) = watch.readable().await else {
             return;
         };
         ready.clear_ready();
-        let mut woken = Vec::new();
-        with_ring(|ring| ring.reap(&mut woken));
-        woken.into_iter().for_each(Waker::wake);
+        on_park();
     }
 }
 
@@ -178,6 +182,9 @@ impl Ring {
         let uring = IoUring::builder()
             .setup_cqsize(COMPLETION_ENTRIES)
             .setup_clamp()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(SUBMISSION_ENTRIES)?;
         let mut probe = Probe::new();
         uring.submitter().register_probe(&mut probe)?;
@@ -249,7 +256,9 @@ impl Ring {
     }
 
     fn flush(&mut self) {
-        if !self.uring.submission().is_empty() || self.uring.submission().cq_overflow() {
+        let sq = self.uring.submission();
+        if !sq.is_empty() || sq.cq_overflow() || sq.taskrun() {
+            drop(sq);
             // An error here (EINTR, EBUSY) leaves the entries queued for the next flush.
             let _ = self.uring.submit();
         }

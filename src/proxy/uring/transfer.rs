@@ -503,3 +503,163 @@ impl Direction {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::thread;
+
+    use super::*;
+
+    /// A connected pair of sockets on loopback: (the end srvlb holds, the peer's end).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (far, _) = listener.accept().expect("accept");
+        near.set_nonblocking(true).expect("nonblocking");
+        (near, far)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    /// A peer that writes `data` and half-closes after `delay`, while another thread reads
+    /// everything that comes back; joined for what it read.
+    fn peer(mut socket: TcpStream, data: Vec<u8>, delay: Duration) -> thread::JoinHandle<Vec<u8>> {
+        let mut reader = socket.try_clone().expect("clone");
+        let got = thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).expect("read");
+            got
+        });
+        thread::spawn(move || {
+            thread::sleep(delay);
+            socket.write_all(&data).expect("write");
+            socket.shutdown(Shutdown::Write).expect("fin");
+            got.join().expect("reader")
+        })
+    }
+
+    async fn proxy(client: TcpStream, backend: TcpStream, moved: &AtomicU64) -> Transfer {
+        ring::ensure().expect("io_uring ring");
+        let cut = std::pin::pin!(std::future::pending::<()>());
+        let count = |_: Side, n: u64| {
+            moved.fetch_add(n, Ordering::Relaxed);
+        };
+        let limit = Duration::from_secs(30);
+        let transfer = proxy_streams(client, backend, Duration::from_secs(60), cut, &count);
+        tokio::time::timeout(limit, transfer)
+            .await
+            .expect("the transfer finished")
+    }
+
+    /// Bytes cross both ways intact, each FIN is passed on while the other direction keeps
+    /// flowing, and the transfer ends as a clean close that counted every byte.
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_each_fin_is_passed_on() {
+        let (client, client_peer) = pair();
+        let (backend, backend_peer) = pair();
+        let up = pattern(1_500_000, 0);
+        let down = pattern(700_000, 0x5a);
+        // The client finishes first; the backend keeps sending for a while after.
+        let from_backend = peer(client_peer, up.clone(), Duration::ZERO);
+        let from_client = peer(backend_peer, down.clone(), Duration::from_millis(300));
+        let moved = AtomicU64::new(0);
+        let transfer = proxy(client, backend, &moved).await;
+        assert_eq!(transfer.end, End::Closed);
+        assert_eq!(transfer.first_to_finish, Some(Side::Client));
+        let (at_backend, at_client) = (from_client.join(), from_backend.join());
+        assert!(
+            at_backend.expect("backend peer") == up,
+            "client bytes changed"
+        );
+        assert!(
+            at_client.expect("client peer") == down,
+            "backend bytes changed"
+        );
+        assert_eq!(transfer.client_to_backend, up.len() as u64);
+        assert_eq!(transfer.backend_to_client, down.len() as u64);
+        assert_eq!(
+            moved.load(Ordering::Relaxed),
+            (up.len() + down.len()) as u64
+        );
+    }
+
+    /// More connections with bytes in flight than the pool has buffers: the receives that
+    /// find none wait for one to come back, and every stream still arrives whole.
+    #[tokio::test]
+    async fn receives_wait_for_a_buffer_when_the_pool_runs_dry() {
+        let connections = 3 * usize::from(super::super::ring::TEST_BUFFERS);
+        let mut peers = Vec::new();
+        let mut transfers = Vec::new();
+        let moved = AtomicU64::new(0);
+        for i in 0..connections {
+            let (client, client_peer) = pair();
+            let (backend, backend_peer) = pair();
+            let data = pattern(400_000, i as u8);
+            // The backends start reading only after a while: meanwhile every direction
+            // holds a buffer it cannot send, and the pool is empty.
+            let reader = thread::spawn({
+                let mut backend_peer = backend_peer;
+                move || {
+                    thread::sleep(Duration::from_millis(500));
+                    let mut got = Vec::new();
+                    backend_peer.read_to_end(&mut got).expect("read");
+                    drop(backend_peer);
+                    got
+                }
+            });
+            let writer = thread::spawn({
+                let mut client_peer = client_peer;
+                let data = data.clone();
+                move || {
+                    client_peer.write_all(&data).expect("write");
+                    client_peer.shutdown(Shutdown::Write).expect("fin");
+                    let mut rest = Vec::new();
+                    let _ = client_peer.read_to_end(&mut rest);
+                }
+            });
+            peers.push((data, reader, writer));
+            transfers.push((client, backend));
+        }
+        let all = transfers
+            .into_iter()
+            .map(|(client, backend)| proxy(client, backend, &moved));
+        let ends: Vec<Transfer> = futures_join_all(all).await;
+        for (transfer, (data, reader, writer)) in ends.iter().zip(peers) {
+            let got = reader.join().expect("reader");
+            writer.join().expect("writer");
+            assert!(
+                got == data,
+                "a stream changed ({} of {} bytes)",
+                got.len(),
+                data.len()
+            );
+            assert_eq!(transfer.client_to_backend, data.len() as u64);
+        }
+    }
+
+    /// Polls every future to completion on this task (the transfers must share the thread's
+    /// ring), in order of the input.
+    async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+        let mut pending: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+        let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut all = true;
+            for (future, out) in pending.iter_mut().zip(done.iter_mut()) {
+                if out.is_none() {
+                    match future.as_mut().poll(cx) {
+                        Poll::Ready(v) => *out = Some(v),
+                        Poll::Pending => all = false,
+                    }
+                }
+            }
+            if all { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
+        done.into_iter().flatten().collect()
+    }
+}
