@@ -172,6 +172,13 @@ fn splice_families(e: &mut DescriptorEncoder<'_>) -> fmt::Result {
     )?;
     single(
         e,
+        "srvlb_io_uring_buffer_waits_total",
+        "Receives that found their worker's io_uring buffer pool empty and waited for a buffer to come back.",
+        COUNTER,
+        ring.buffer_waits.load(Ordering::Relaxed),
+    )?;
+    single(
+        e,
         "srvlb_io_uring_fallbacks_total",
         "Connections that asked for io_uring and took the epoll path: no ring could be set up (see the log).",
         COUNTER,

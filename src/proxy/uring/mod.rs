@@ -31,12 +31,15 @@ pub(crate) struct RingStats {
     pub(crate) connections: AtomicU64,
     /// Connections that asked for io_uring and took the epoll path (no ring could be set up).
     pub(crate) fallbacks: AtomicU64,
+    /// Receives that found their worker's buffer pool empty and waited for a buffer.
+    pub(crate) buffer_waits: AtomicU64,
 }
 
 pub(crate) static STATS: RingStats = RingStats {
     rings: AtomicU64::new(0),
     connections: AtomicU64::new(0),
     fallbacks: AtomicU64::new(0),
+    buffer_waits: AtomicU64::new(0),
 };
 
 /// The data path a connection of this service takes: its `data_path`, unless

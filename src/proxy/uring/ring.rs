@@ -16,6 +16,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
@@ -29,13 +30,17 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// Bytes in one receive buffer: what one receive can take at most.
-pub(crate) const BUFFER_SIZE: usize = 32 * 1024;
+pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
 /// Receive buffers per worker (a power of two, as the kernel's buffer ring requires): up to
 /// this many directions can hold received bytes not yet sent on at once; the next receive
-/// waits for a buffer to come back. 4 MiB of address space, touched only as far as bytes
+/// waits for a buffer to come back. 32 MiB of address space, of which only the buffers the
+/// load needs are ever touched (see `BufferPool::spare`), and those only as far as bytes
 /// reach. (Four in unit tests, so that they can run the pool dry.)
 #[cfg(not(test))]
-const BUFFERS: u16 = 128;
+const BUFFERS: u16 = 2048;
+/// Buffers the kernel's ring holds at first; more as receives find none (see
+/// `BufferPool::target`).
+const INITIAL_PUBLISHED: u16 = 64;
 #[cfg(test)]
 const BUFFERS: u16 = TEST_BUFFERS;
 #[cfg(test)]
@@ -48,6 +53,8 @@ const SUBMISSION_ENTRIES: u32 = 1024;
 const COMPLETION_ENTRIES: u32 = 8192;
 /// The `user_data` of cancel requests, whose own completions say nothing anyone waits for.
 const CANCEL: u64 = u64::MAX;
+/// How often a full submission queue is handed to the kernel before an operation fails.
+const PUSH_TRIES: usize = 16;
 const PAGE: usize = 4096;
 
 /// Linux ABI values the ring's operations take as plain integers.
@@ -162,8 +169,10 @@ struct Ring {
     uring: IoUring,
     slots: Slab<Slot>,
     pool: BufferPool,
-    /// Directions waiting for a receive buffer to come back.
-    buffer_waiters: Vec<Waker>,
+    /// Directions waiting for a receive buffer to come back, in the order they found none:
+    /// each buffer given back wakes one (waking all of them at once, thousands under load,
+    /// would have all but one find none again).
+    buffer_waiters: VecDeque<Waker>,
     flush_on_park: bool,
 }
 
@@ -205,7 +214,7 @@ impl Ring {
             uring,
             slots: Slab::with_capacity(256),
             pool,
-            buffer_waiters: Vec::new(),
+            buffer_waiters: VecDeque::new(),
             flush_on_park: FLUSH_ON_PARK.with(Cell::get),
         })
     }
@@ -228,7 +237,11 @@ impl Ring {
         });
         let entry = entry.user_data(u64::from(key));
         // SAFETY: passed on from this function's contract.
-        unsafe { self.push(&entry) };
+        if let Err(e) = unsafe { self.push(&entry) } {
+            // Never queued: nothing refers to the slot (its buffer goes back to the caller).
+            self.slots.remove(key as usize);
+            return Err(e);
+        }
         if !self.flush_on_park {
             self.flush();
         }
@@ -237,22 +250,22 @@ impl Ring {
 
     /// # Safety
     /// As for [`Ring::submit`].
-    unsafe fn push(&mut self, entry: &squeue::Entry) {
-        loop {
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..PUSH_TRIES {
             // SAFETY: the caller vouches for the entry's pointers.
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
-                return;
+                return Ok(());
             }
             // The queue is full: hand it to the kernel and try again.
             if self.uring.submit().is_err() {
-                // EBUSY (completions overflowing): reap to make room first.
+                // EBUSY (completions overflowing): reap to make room first. Waking a task
+                // only schedules it, so the ring may be in use meanwhile.
                 let mut woken = Vec::new();
                 self.reap(&mut woken);
-                // Woken later by the caller's next poll; the wakers are simply dropped
-                // here, as their tasks are running (this is one of them).
-                drop(woken);
+                woken.into_iter().for_each(Waker::wake);
             }
         }
+        Err(io::Error::other("the io_uring submission queue stays full"))
     }
 
     fn flush(&mut self) {
@@ -264,12 +277,14 @@ impl Ring {
         }
     }
 
+    /// Asks the kernel to end operation `key` early. Failing (the queue stays full), the
+    /// operation ends when it would have; the transfer does not wait for it long.
     fn cancel(&mut self, key: u32) {
         let entry = opcode::AsyncCancel::new(u64::from(key))
             .build()
             .user_data(CANCEL);
         // SAFETY: a cancel request carries no pointer.
-        unsafe { self.push(&entry) };
+        let _ = unsafe { self.push(&entry) };
         if !self.flush_on_park {
             self.flush();
         }
@@ -278,7 +293,6 @@ impl Ring {
     /// Takes every waiting completion: records it in its slot and collects the waker to
     /// wake, or frees an orphaned slot and what it held.
     fn reap(&mut self, woken: &mut Vec<Waker>) {
-        let mut returned = false;
         for cqe in self.uring.completion() {
             let key = cqe.user_data();
             if key == CANCEL {
@@ -290,6 +304,10 @@ impl Ring {
             let Some(slot) = self.slots.get_mut(key) else {
                 continue;
             };
+            if cqueue::buffer_select(cqe.flags()).is_some() {
+                // The kernel lent this buffer out of its ring: srvlb's until given back.
+                self.pool.lent();
+            }
             if slot.orphaned {
                 let slot = self.slots.remove(key);
                 for bid in slot
@@ -298,24 +316,28 @@ impl Ring {
                     .chain(cqueue::buffer_select(cqe.flags()))
                 {
                     self.pool.give_back(bid);
-                    returned = true;
                 }
                 continue;
             }
             slot.done = Some((cqe.result(), cqe.flags()));
             woken.extend(slot.waker.take());
         }
-        if returned {
-            woken.append(&mut self.buffer_waiters);
-        }
+        self.wake_buffer_waiters(woken);
     }
 
     fn give_back(&mut self, bid: u16) {
         self.pool.give_back(bid);
-        // A buffer came back: every direction that found none tries again.
-        for waker in self.buffer_waiters.drain(..) {
-            waker.wake();
-        }
+        let mut woken = Vec::new();
+        self.wake_buffer_waiters(&mut woken);
+        woken.into_iter().for_each(Waker::wake);
+    }
+
+    /// As many directions as there are buffers in the kernel's ring now try again, those
+    /// that have waited longest first. (Waking every waiter at once, thousands under load,
+    /// would have all but a few find none again.)
+    fn wake_buffer_waiters(&mut self, woken: &mut Vec<Waker>) {
+        let n = usize::from(self.pool.in_kernel()).min(self.buffer_waiters.len());
+        woken.extend(self.buffer_waiters.drain(..n));
     }
 }
 
@@ -329,7 +351,7 @@ impl Drop for Ring {
                 .build()
                 .user_data(CANCEL);
             // SAFETY: a cancel request carries no pointer.
-            unsafe { self.push(&entry) };
+            let _ = unsafe { self.push(&entry) };
         }
         let wait = Timespec::from(Duration::from_millis(10));
         let args = SubmitArgs::new().timespec(&wait);
@@ -360,6 +382,15 @@ struct BufferPool {
     memory: *mut u8,
     /// The next tail to publish.
     tail: u16,
+    /// Buffers lent out by the kernel and not given back yet.
+    leased: u16,
+    /// Buffers neither in the kernel's ring nor lent out, most recently returned last: they
+    /// go to the kernel again first, so a worker's buffers in use stay as few as its load
+    /// needs (the kernel hands out its ring's buffers in order, touching every one).
+    spare: Vec<u16>,
+    /// How many buffers the kernel's ring is kept filled with: doubled whenever a receive
+    /// finds none, up to `BUFFERS`.
+    target: u16,
     leaked: bool,
 }
 
@@ -382,10 +413,15 @@ impl BufferPool {
         let entries = unsafe { std::alloc::alloc_zeroed(entries_layout) }.cast::<BufRingEntry>();
         // SAFETY: as above. Zeroed pages are mapped lazily: untouched buffers cost nothing.
         let memory = unsafe { std::alloc::alloc_zeroed(memory_layout) };
+        let target = INITIAL_PUBLISHED.min(BUFFERS);
         let mut pool = BufferPool {
             entries,
             memory,
             tail: 0,
+            leased: 0,
+            // Popped from the end: the lowest numbers first.
+            spare: (target..BUFFERS).rev().collect(),
+            target,
             leaked: false,
         };
         if entries.is_null() || memory.is_null() {
@@ -401,17 +437,55 @@ impl BufferPool {
                 0,
             )?;
         }
-        for bid in 0..BUFFERS {
-            pool.give_back(bid);
+        for bid in 0..target {
+            pool.publish(bid);
         }
         Ok(pool)
     }
 
-    /// Hands buffer `bid` (back) to the kernel.
+    /// Buffers in the kernel's ring now, for receives to take.
+    fn in_kernel(&self) -> u16 {
+        BUFFERS
+            .saturating_sub(self.leased)
+            .saturating_sub(self.spare.len() as u16)
+    }
+
+    /// The kernel lent a buffer out (a receive's completion carried it).
+    fn lent(&mut self) {
+        self.leased = self.leased.saturating_add(1);
+        self.top_up();
+    }
+
+    /// Buffer `bid` is srvlb's no more: to the kernel's ring if it is short, else spare.
     fn give_back(&mut self, bid: u16) {
         if bid >= BUFFERS {
             return;
         }
+        self.leased = self.leased.saturating_sub(1);
+        if self.in_kernel() < self.target {
+            self.publish(bid);
+        } else {
+            self.spare.push(bid);
+        }
+    }
+
+    /// A receive found the kernel's ring empty: keep it filled with twice as many.
+    fn grow(&mut self) {
+        self.target = self.target.saturating_mul(2).min(BUFFERS);
+        self.top_up();
+    }
+
+    fn top_up(&mut self) {
+        while self.in_kernel() < self.target {
+            let Some(bid) = self.spare.pop() else {
+                return;
+            };
+            self.publish(bid);
+        }
+    }
+
+    /// Puts buffer `bid` in the kernel's ring.
+    fn publish(&mut self, bid: u16) {
         let index = usize::from(self.tail & (BUFFERS - 1));
         // SAFETY: `index` is within the `BUFFERS` entries; the kernel reads only entries
         // below the published tail, and this one is past it until the store below.
@@ -535,16 +609,24 @@ pub(crate) fn send(fd: BorrowedFd<'_>, lease: Lease, offset: usize, len: usize) 
     })
 }
 
-/// Ready once a receive buffer was given back since a receive found none.
+/// Ready once a receive may find a buffer again: at once when the kernel's ring has one
+/// (some came back since the receive found none), else when one comes back.
 pub(crate) fn poll_buffer(cx: &mut Context<'_>, waiting: &mut bool) -> Poll<()> {
     if std::mem::take(waiting) {
         return Poll::Ready(());
     }
-    *waiting = true;
-    let registered = with_ring(|ring| ring.buffer_waiters.push(cx.waker().clone()));
-    if registered.is_none() {
+    let queued = with_ring(|ring| {
+        ring.pool.grow();
+        if ring.pool.in_kernel() > 0 {
+            return false;
+        }
+        ring.buffer_waiters.push_back(cx.waker().clone());
+        true
+    });
+    if queued != Some(true) {
         return Poll::Ready(());
     }
+    *waiting = true;
     Poll::Pending
 }
 

@@ -19,7 +19,7 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -67,6 +67,7 @@ pub(crate) fn proxy_streams<'a, C: Future<Output = ()> + Unpin>(
         cut,
         first_to_finish: None,
         ending: None,
+        lost: false,
     }
 }
 
@@ -87,6 +88,8 @@ pin_project_lite::pin_project! {
         first_to_finish: Option<(Side, u64)>,
         // Set once the end is decided: the operations in flight are being cancelled.
         ending: Option<Ending>,
+        // A cancelled receive took bytes that will never be sent on.
+        lost: bool,
     }
 }
 
@@ -144,16 +147,32 @@ impl<C: Future<Output = ()> + Unpin> Future for RingTransfer<'_, C> {
             this.c2b.cancel();
             this.b2c.cancel();
             *this.ending = Some(ending);
+            let give_up = tokio::time::Instant::now() + Duration::from_millis(SETTLE_MS);
+            this.sleep.as_mut().reset(give_up);
         }
-        let lost_c2b = ready!(this.c2b.poll_settled(cx));
-        let lost_b2c = ready!(this.b2c.poll_settled(cx));
+        let (c2b, b2c) = (this.c2b.poll_settled(cx), this.b2c.poll_settled(cx));
+        for settled in [&c2b, &b2c] {
+            if let Poll::Ready(lost) = settled {
+                *this.lost |= *lost;
+            }
+        }
+        if c2b.is_pending() || b2c.is_pending() {
+            ready!(this.sleep.as_mut().poll(cx));
+            // The kernel has not answered the cancels: the operations are left to the ring
+            // (which frees what they hold when they complete), and what they took is taken
+            // as lost, so a cut ends in a reset.
+            *this.c2b = Leg::Finished(Watch::None);
+            *this.b2c = Leg::Finished(Watch::None);
+            *this.lost = true;
+        }
+        let lost = *this.lost;
         let Some(ending) = this.ending.take() else {
             return Poll::Pending;
         };
         let io = &*this.io;
         let left = Leftover {
             holding: io.holding.iter().any(Cell::get),
-            lost: lost_c2b || lost_b2c,
+            lost,
             last_activity: io.last_activity.get(),
         };
         let [up, down] = &io.moved;
@@ -247,6 +266,10 @@ enum Watch {
 
 /// How long a connection stays half-closed before its finished source is watched.
 const WATCH_AFTER_MS: u64 = 200;
+
+/// How long the end of a transfer waits for the kernel to answer its cancels (it normally
+/// does within one loop of the worker).
+const SETTLE_MS: u64 = 1_000;
 
 impl Leg {
     fn poll_leg(
@@ -421,7 +444,10 @@ impl Direction {
                             }
                         }
                         0 => return Poll::Ready(pass_fin(to, &io.ended)),
-                        e if e == -ENOBUFS => self.step = Step::NoBuffer(false),
+                        e if e == -ENOBUFS => {
+                            super::STATS.buffer_waits.fetch_add(1, Ordering::Relaxed);
+                            self.step = Step::NoBuffer(false);
+                        }
                         e if e == -EINTR || e == -EAGAIN || e == -ECANCELED => {}
                         e => {
                             let e = io::Error::from_raw_os_error(-e);
@@ -596,10 +622,19 @@ mod tests {
         let mut peers = Vec::new();
         let mut transfers = Vec::new();
         let moved = AtomicU64::new(0);
+        let waits_before = super::super::STATS.buffer_waits.load(Ordering::Relaxed);
         for i in 0..connections {
             let (client, client_peer) = pair();
             let (backend, backend_peer) = pair();
-            let data = pattern(400_000, i as u8);
+            // Small socket buffers towards the backend: a direction's send blocks (and its
+            // buffer stays leased) as soon as a few KiB wait there.
+            socket2::SockRef::from(&backend)
+                .set_send_buffer_size(4096)
+                .expect("sndbuf");
+            socket2::SockRef::from(&backend_peer)
+                .set_recv_buffer_size(4096)
+                .expect("rcvbuf");
+            let data = pattern(150_000, i as u8);
             // The backends start reading only after a while: meanwhile every direction
             // holds a buffer it cannot send, and the pool is empty.
             let reader = thread::spawn({
@@ -640,6 +675,11 @@ mod tests {
             );
             assert_eq!(transfer.client_to_backend, data.len() as u64);
         }
+        let waits = super::super::STATS.buffer_waits.load(Ordering::Relaxed) - waits_before;
+        assert!(
+            waits > 0,
+            "no receive found the pool empty: nothing was tested"
+        );
     }
 
     /// Polls every future to completion on this task (the transfers must share the thread's
