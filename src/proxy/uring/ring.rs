@@ -17,8 +17,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -96,59 +98,91 @@ type RingId = u32;
 static NEXT_RING: AtomicU32 = AtomicU32::new(1);
 
 /// Sets up this thread's ring if it has none yet. Needs a single-threaded tokio runtime
-/// here: the ring's completions are reaped by a task that must run on this thread.
+/// here: the ring's completions are reaped by a task that must run on this thread. The ring
+/// is kept only once all of it is in place (its eventfd watched, its driver task spawned).
 pub(crate) fn ensure() -> io::Result<()> {
-    let made = RING.with(|cell| -> io::Result<bool> {
-        let mut slot = cell.try_borrow_mut().map_err(|_| busy())?;
-        if slot.is_some() {
-            return Ok(false);
-        }
-        let handle = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "io_uring needs a single-threaded runtime",
-            ));
-        }
-        *slot = Some(Ring::new()?);
-        super::STATS.rings.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
-    })?;
-    if made {
-        // The kernel signals this eventfd when completion work is waiting; the reactor
-        // watches it (it is the watch's own, so it stays valid for as long as the watch).
-        let fd = RING.with(|cell| {
-            let slot = cell.borrow();
-            let ring = slot.as_ref().ok_or_else(busy)?;
-            let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
-            ring.uring.submitter().register_eventfd(fd.as_raw_fd())?;
-            Ok::<_, io::Error>(fd)
-        })?;
-        // SAFETY: the `OwnedFd` stays open and the same file for the watch's whole life, as
-        // it is the watch's own.
-        let watch = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        tokio::spawn(drive(watch));
+    let present = RING.with(|cell| cell.try_borrow().map(|slot| slot.is_some()));
+    match present {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(_) => return Err(busy()),
     }
+    let handle = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring needs a single-threaded runtime",
+        ));
+    }
+    let ring = Ring::new()?;
+    // The kernel signals this eventfd when completion work is waiting; the reactor watches
+    // it (it is the watch's own, so it stays valid for as long as the watch).
+    let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+    ring.uring.submitter().register_eventfd(fd.as_raw_fd())?;
+    // SAFETY: the `OwnedFd` stays open and the same file for the watch's whole life, as it
+    // is the watch's own.
+    let watch = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+        .map_err(io::Error::from)?;
+    RING.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(|_| busy())?;
+        *slot = Some(ring);
+        Ok::<_, io::Error>(())
+    })?;
+    super::STATS.rings.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(Driver { watch });
     Ok(())
+}
+
+/// True when this thread's ring exists but is borrowed right now.
+fn ring_in_use() -> bool {
+    RING.try_with(|cell| cell.try_borrow_mut().is_err())
+        .unwrap_or(false)
 }
 
 fn busy() -> io::Error {
     io::Error::other("the io_uring ring is in use")
 }
 
-/// Runs the ring's completion work whenever its eventfd says some is waiting (the park hook
-/// does most of it before the thread sleeps; this catches what comes while it sleeps).
+/// The ring's driver task: submits what was queued and runs the ring's completion work
+/// (`on_park`) whenever an operation is queued on an empty submission queue or the eventfd
+/// says completions wait. The park hook does the same before the thread sleeps, batching
+/// more; but tokio skips that hook while it has deferred tasks (a task that yielded or ran
+/// out of budget), so the driver is what guarantees a queued operation reaches the kernel
+/// within one round of the scheduler.
 ///
 /// The eventfd is never read: every signal is a new edge for epoll, and its counter (64
 /// bits) does not fill.
-async fn drive(watch: AsyncFd<OwnedFd>) {
-    loop {
-        let Ok(mut ready) = watch.readable().await else {
-            return;
-        };
-        ready.clear_ready();
+struct Driver {
+    watch: AsyncFd<OwnedFd>,
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let registered = with_ring(|ring| {
+            ring.flush_requested = false;
+            if !ring
+                .driver
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                ring.driver = Some(cx.waker().clone());
+            }
+        });
+        if registered.is_none() {
+            // The ring is gone (the thread is ending) or in use: nothing to drive now.
+            return Poll::Pending;
+        }
+        loop {
+            match self.watch.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut ready)) => ready.clear_ready(),
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => break,
+            }
+        }
         on_park();
+        Poll::Pending
     }
 }
 
@@ -174,6 +208,10 @@ struct Ring {
     /// would have all but one find none again).
     buffer_waiters: VecDeque<Waker>,
     flush_on_park: bool,
+    /// The driver task, woken when an operation is queued on an empty submission queue.
+    driver: Option<Waker>,
+    /// The driver was woken and has not run since.
+    flush_requested: bool,
 }
 
 /// An operation in flight, or completed and not yet taken by its [`Op`].
@@ -216,6 +254,8 @@ impl Ring {
             pool,
             buffer_waiters: VecDeque::new(),
             flush_on_park: FLUSH_ON_PARK.with(Cell::get),
+            driver: None,
+            flush_requested: false,
         })
     }
 
@@ -242,10 +282,21 @@ impl Ring {
             self.slots.remove(key as usize);
             return Err(e);
         }
+        self.request_flush();
+        Ok(key)
+    }
+
+    /// Makes sure what was just queued reaches the kernel soon: at once where no park hook
+    /// flushes, else by waking the driver task once per batch.
+    fn request_flush(&mut self) {
         if !self.flush_on_park {
             self.flush();
+        } else if !self.flush_requested {
+            self.flush_requested = true;
+            if let Some(driver) = &self.driver {
+                driver.wake_by_ref();
+            }
         }
-        Ok(key)
     }
 
     /// # Safety
@@ -280,14 +331,20 @@ impl Ring {
     /// Asks the kernel to end operation `key` early. Failing (the queue stays full), the
     /// operation ends when it would have; the transfer does not wait for it long.
     fn cancel(&mut self, key: u32) {
+        if self
+            .slots
+            .get(key as usize)
+            .is_none_or(|slot| slot.done.is_some())
+        {
+            // Completed already: a cancel could only hit the next operation with its key.
+            return;
+        }
         let entry = opcode::AsyncCancel::new(u64::from(key))
             .build()
             .user_data(CANCEL);
         // SAFETY: a cancel request carries no pointer.
         let _ = unsafe { self.push(&entry) };
-        if !self.flush_on_park {
-            self.flush();
-        }
+        self.request_flush();
     }
 
     /// Takes every waiting completion: records it in its slot and collects the waker to
@@ -428,7 +485,8 @@ impl BufferPool {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
         // SAFETY: `entries` is page-aligned, zeroed and `BUFFERS` entries long, and lives
-        // until the pool is dropped, which unregisters it first (or leaks it).
+        // until the pool is dropped, after the ring (and its registration) is gone, or is
+        // leaked.
         unsafe {
             uring.submitter().register_buf_ring_with_flags(
                 entries as u64,
@@ -461,8 +519,9 @@ impl BufferPool {
         if bid >= BUFFERS {
             return;
         }
+        let short = self.in_kernel() < self.target;
         self.leased = self.leased.saturating_sub(1);
-        if self.in_kernel() < self.target {
+        if short {
             self.publish(bid);
         } else {
             self.spare.push(bid);
@@ -514,8 +573,8 @@ impl Drop for BufferPool {
             return;
         }
         // SAFETY: allocated in `new` with these layouts; no operation is in flight (the
-        // ring checked, or leaked the pool instead). The ring's descriptor is closed after
-        // this (field order), but no receive can be issued any more.
+        // ring checked, or leaked the pool instead), and the ring's descriptor, declared
+        // before the pool, is closed already.
         unsafe {
             std::alloc::dealloc(self.entries.cast(), entries_layout());
             std::alloc::dealloc(self.memory, memory_layout());
@@ -661,8 +720,15 @@ impl Op {
                 Poll::Ready(Completion { result, lease })
             }
             Some(None) => Poll::Pending,
-            // No such slot or ring: the operation cannot complete here.
+            None if ring_in_use() => {
+                // Polled while the ring is borrowed (not reachable today): try again soon
+                // rather than take a live operation for a finished one.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            // No such slot, or another thread's ring: the operation cannot complete here.
             None => {
+                debug_assert!(false, "an io_uring operation polled away from its ring");
                 self.done = true;
                 Poll::Ready(Completion {
                     result: -ECANCELED,
@@ -703,6 +769,9 @@ impl Drop for Op {
                 slot.orphaned = true;
                 slot.waker = None;
                 ring.cancel(key);
+                // Now, not at the next park: the owner closes its sockets next, and an
+                // operation still queued would name a descriptor number free for reuse.
+                ring.flush();
             }
         });
     }

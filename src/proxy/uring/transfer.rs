@@ -50,6 +50,8 @@ pub(crate) fn proxy_streams<'a, C: Future<Output = ()> + Unpin>(
     // not taken bytes since the last one (see `Step::Sending`).
     let probe_ms = (idle_ms / 4).max(10);
     RingTransfer {
+        c2b: Leg::Moving(Direction::new(Side::Client)),
+        b2c: Leg::Moving(Direction::new(Side::Backend)),
         io: Io {
             client,
             backend,
@@ -59,8 +61,6 @@ pub(crate) fn proxy_streams<'a, C: Future<Output = ()> + Unpin>(
             ended: AtomicU8::new(0),
             last_activity: Cell::new(now_ms()),
         },
-        c2b: Leg::Moving(Direction::new(Side::Client)),
-        b2c: Leg::Moving(Direction::new(Side::Backend)),
         idle_ms,
         probe_ms,
         sleep: tokio::time::sleep(Duration::from_millis(probe_ms.min(idle_ms))),
@@ -75,9 +75,12 @@ pin_project_lite::pin_project! {
     /// The future [`proxy_streams`] returns.
     #[project = RingTransferProj]
     pub(crate) struct RingTransfer<'a, C> {
-        io: Io<'a>,
+        // Before `io`, which holds the sockets: fields drop in order, so a transfer dropped
+        // midway hands its operations to the ring (cancelled, and flushed) while their
+        // descriptors are still open.
         c2b: Leg,
         b2c: Leg,
+        io: Io<'a>,
         idle_ms: u64,
         probe_ms: u64,
         // The idle clock: expires once nothing has moved either way for `idle_ms`, and
@@ -150,7 +153,8 @@ impl<C: Future<Output = ()> + Unpin> Future for RingTransfer<'_, C> {
             let give_up = tokio::time::Instant::now() + Duration::from_millis(SETTLE_MS);
             this.sleep.as_mut().reset(give_up);
         }
-        let (c2b, b2c) = (this.c2b.poll_settled(cx), this.b2c.poll_settled(cx));
+        let c2b = this.c2b.poll_settled(cx, this.io);
+        let b2c = this.b2c.poll_settled(cx, this.io);
         for settled in [&c2b, &b2c] {
             if let Poll::Ready(lost) = settled {
                 *this.lost |= *lost;
@@ -228,7 +232,10 @@ fn poll_end<C: Future<Output = ()> + Unpin>(
             this.b2c.probe(now, *this.probe_ms);
             armed |= this.c2b.arm_watch(now, this.io, Side::Client);
             armed |= this.b2c.arm_watch(now, this.io, Side::Backend);
-            let next = (deadline - now).min(*this.probe_ms);
+            let watch = this.c2b.watch_due().or(this.b2c.watch_due());
+            let next = (deadline - now)
+                .min(*this.probe_ms)
+                .min(watch.map_or(u64::MAX, |due| due.saturating_sub(now)));
             let at = tokio::time::Instant::now() + Duration::from_millis(next);
             this.sleep.as_mut().reset(at);
         }
@@ -367,12 +374,23 @@ impl Leg {
     }
 
     /// Ready once no operation of this leg is in flight any more; true when a receive took
-    /// bytes that will now never be sent on.
-    fn poll_settled(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+    /// bytes that will now never be sent on. A send that completed the message after all
+    /// counts it as delivered.
+    fn poll_settled(&mut self, cx: &mut Context<'_>, io: &Io<'_>) -> Poll<bool> {
         let Some((op, receiving)) = self.op() else {
             return Poll::Ready(false);
         };
         let done = ready!(op.poll(cx));
+        if let Leg::Moving(Direction {
+            side,
+            step: Step::Sending { total, sent, .. },
+        }) = self
+        {
+            let sent = sent.saturating_add(done.result.max(0).unsigned_abs());
+            if sent >= *total {
+                io.delivered(*side, u64::from(*total));
+            }
+        }
         *self = Leg::Finished(Watch::None);
         Poll::Ready(receiving && done.result > 0)
     }
