@@ -387,7 +387,9 @@ fn unread(stream: &impl AsFd) -> bool {
     rustix::io::ioctl_fionread(stream).map_or(true, |n| n > 0)
 }
 
-fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
+/// The connection ends because `side` failed (or reset) with `e`; the first to finish, if
+/// none was yet.
+pub(crate) fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
     first.get_or_insert((side, now_ms()));
     End::Reset(side, e.kind())
 }

@@ -27,7 +27,7 @@ use tokio::time::Sleep;
 
 use super::ring::{self, ECANCELED, ENOBUFS, Lease, Op};
 use crate::health::now_ms;
-use crate::proxy::copy::{End, Ending, Leftover, Side, Transfer, conclude, peer_error};
+use crate::proxy::copy::{End, Ending, Leftover, Side, Transfer, conclude, fail, peer_error};
 use crate::proxy::direction::{DirectionError, pass_fin};
 
 const EINTR: i32 = 4;
@@ -394,11 +394,6 @@ impl Leg {
         *self = Leg::Finished(Watch::None);
         Poll::Ready(receiving && done.result > 0)
     }
-}
-
-fn fail(side: Side, e: io::Error, first: &mut Option<(Side, u64)>) -> End {
-    first.get_or_insert((side, now_ms()));
-    End::Reset(side, e.kind())
 }
 
 /// The bytes whose source is `side`, moving to the other side.
