@@ -30,6 +30,23 @@ pub enum Side {
 }
 
 impl Side {
+    /// Where this side's entry is in the per-direction arrays (client to backend first).
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Side::Client => 0,
+            Side::Backend => 1,
+        }
+    }
+
+    /// Of the two legs, the one bytes whose source is this side come from, and the one they
+    /// go to.
+    pub(crate) fn ends<T>(self, client: T, backend: T) -> (T, T) {
+        match self {
+            Side::Client => (client, backend),
+            Side::Backend => (backend, client),
+        }
+    }
+
     /// The other leg of the connection.
     pub(crate) fn other(self) -> Side {
         match self {

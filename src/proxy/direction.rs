@@ -59,26 +59,16 @@ pub(crate) struct Shared<'a> {
 impl Shared<'_> {
     /// The socket bytes whose source is `side` come from, and the one they go to.
     pub(crate) fn ends(&self, side: Side) -> (&TcpStream, &TcpStream) {
-        match side {
-            Side::Client => (self.client, self.backend),
-            Side::Backend => (self.backend, self.client),
-        }
+        side.ends(self.client, self.backend)
     }
 
     pub(crate) fn progress(&self, side: Side) -> &Progress<'_> {
-        &self.progress[index(side)]
+        &self.progress[side.index()]
     }
 
     fn count(&self, side: Side, n: u64) {
-        self.moved[index(side)].fetch_add(n, Ordering::Relaxed);
+        self.moved[side.index()].fetch_add(n, Ordering::Relaxed);
         (self.on_bytes)(side, n);
-    }
-}
-
-fn index(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
     }
 }
 

@@ -106,7 +106,7 @@ fn raise_nofile() -> u64 {
 /// Descriptors held by idle splice pipes (two per pipe), from /metrics; 0 where none.
 /// Descriptors srvlb keeps for reuse, which are no leak: its idle splice pipes and its
 /// workers' io_uring rings (set up on first use), two descriptors each.
-fn idle_pipe_fds(admin: SocketAddr) -> usize {
+fn kept_fds(admin: SocketAddr) -> usize {
     let metrics = http_get(admin, "/metrics");
     let kept =
         |name| crate::support::harness::metric_value(&metrics, name).map_or(0, |n| n as usize);
@@ -135,7 +135,7 @@ fn soak_many_connections_are_held_and_all_released() {
         2000.min(cap).min(fit_here)
     };
     let (fds_before, rss_before) = (srvlb.fd_count(), srvlb.rss_kib());
-    let pipes_before = idle_pipe_fds(admin);
+    let pipes_before = kept_fds(admin);
 
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -184,11 +184,11 @@ fn soak_many_connections_are_held_and_all_released() {
     drop(clients);
     // Idle splice pipes kept for reuse (at most 32) are not a leak.
     let released = eventually(Duration::from_secs(30), || {
-        srvlb.fd_count().saturating_sub(idle_pipe_fds(admin)) <= fds_before - pipes_before
+        srvlb.fd_count().saturating_sub(kept_fds(admin)) <= fds_before - pipes_before
             && backend.open() == 0
     });
     let (fds_after, rss_after) = (srvlb.fd_count(), srvlb.rss_kib());
-    let pipes_after = idle_pipe_fds(admin);
+    let pipes_after = kept_fds(admin);
     println!(
         "soak many connections: {target} held (cap {cap}, own limit {own_limit}) in {:.1}s; \
          srvlb fds {fds_before} -> {fds_held} -> {fds_after} ({pipes_after} in idle \
@@ -516,12 +516,12 @@ fn soak_sighups_under_load_fail_nothing_and_do_not_grow() {
         // Idle splice pipes (the pool keeps up to 32) follow the load's peaks, not the
         // reloads: they are left out of both counts.
         if i + 1 == warm_up {
-            let fds = srvlb.fd_count().saturating_sub(idle_pipe_fds(admin));
+            let fds = srvlb.fd_count().saturating_sub(kept_fds(admin));
             (fds_warm, rss_warm) = (fds, srvlb.rss_kib());
         }
     }
     let elapsed = started.elapsed();
-    let fds_end = srvlb.fd_count().saturating_sub(idle_pipe_fds(admin));
+    let fds_end = srvlb.fd_count().saturating_sub(kept_fds(admin));
     let rss_end = srvlb.rss_kib();
     stop.store(true, Ordering::Relaxed);
     let failures: Vec<String> = threads

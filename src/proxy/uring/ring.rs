@@ -82,13 +82,9 @@ pub(crate) fn flush_on_park() {
 /// operations go out with the next park).
 pub(crate) fn on_park() {
     let mut woken = Vec::new();
-    let _ = RING.try_with(|cell| {
-        if let Ok(mut slot) = cell.try_borrow_mut() {
-            if let Some(ring) = slot.as_mut() {
-                ring.flush();
-                ring.reap(&mut woken);
-            }
-        }
+    with_ring(|ring| {
+        ring.flush();
+        ring.reap(&mut woken);
     });
     woken.into_iter().for_each(Waker::wake);
 }

@@ -115,10 +115,7 @@ struct Io<'a> {
 impl Io<'_> {
     /// The socket bytes whose source is `side` come from, and the one they go to.
     fn ends(&self, side: Side) -> (&TcpStream, &TcpStream) {
-        match side {
-            Side::Client => (&self.client, &self.backend),
-            Side::Backend => (&self.backend, &self.client),
-        }
+        side.ends(&self.client, &self.backend)
     }
 
     fn touch(&self) {
@@ -126,17 +123,10 @@ impl Io<'_> {
     }
 
     fn delivered(&self, side: Side, n: u64) {
-        let i = index(side);
+        let i = side.index();
         self.holding[i].set(false);
         self.moved[i].set(self.moved[i].get() + n);
         (self.on_bytes)(side, n);
-    }
-}
-
-fn index(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
     }
 }
 
@@ -408,8 +398,8 @@ enum Step {
     Receiving(Op),
     /// The pool had no buffer: waiting for one to come back (true once registered).
     NoBuffer(bool),
-    /// Sending `total` bytes of a received buffer, `sent` of them done. A send the
-    /// destination has taken nothing of since `since` (ms) is cancelled at the next clock
+    /// Sending `total` bytes of a received buffer, `sent` of them done. A send waiting while
+    /// nothing has moved on the connection since `since` (ms) is cancelled at the next clock
     /// tick and sent again (`probed`): the kernel wakes a full socket's writer only once
     /// much of its buffer is free, which a slow but steady reader may take longer than the
     /// idle timeout to free, while a new send takes whatever room there is.
@@ -450,9 +440,10 @@ impl Direction {
                                 return Poll::Ready(Err(DirectionError::Read(e)));
                             };
                             io.touch();
-                            io.holding[index(self.side)].set(true);
+                            io.holding[self.side.index()].set(true);
                             let total = n.unsigned_abs();
-                            if let Err(e) = self.send(to, lease, (0, total)) {
+                            let since = io.last_activity.get();
+                            if let Err(e) = self.send(to, lease, (0, total), since) {
                                 return Poll::Ready(Err(e));
                             }
                         }
@@ -499,7 +490,8 @@ impl Direction {
                         }
                     };
                     if rest < total {
-                        if let Err(e) = self.send(to, lease, (rest, total)) {
+                        let since = io.last_activity.get();
+                        if let Err(e) = self.send(to, lease, (rest, total), since) {
                             return Poll::Ready(Err(e));
                         }
                     } else {
@@ -511,12 +503,14 @@ impl Direction {
         }
     }
 
-    /// Sends bytes `sent..total` of `lease`'s buffer to `to`.
+    /// Sends bytes `sent..total` of `lease`'s buffer to `to`; `since`: when bytes last moved
+    /// (the connection's idle clock, read rather than the clock again).
     fn send(
         &mut self,
         to: &TcpStream,
         lease: Lease,
         (sent, total): (u32, u32),
+        since: u64,
     ) -> Result<(), DirectionError> {
         let (offset, len) = (sent as usize, (total - sent) as usize);
         let op = ring::send(to.as_fd(), lease, offset, len).map_err(DirectionError::Write)?;
@@ -524,7 +518,7 @@ impl Direction {
             op,
             total,
             sent,
-            since: now_ms(),
+            since,
             probed: false,
         };
         Ok(())
